@@ -1,0 +1,96 @@
+"""The contract every model server speaks to the pipeline, and the one error type it raises.
+
+A backend takes an already validated, allow-listed OpenAI chat request body (a dict whose
+"model" is the backend's own model name) and returns OpenAI-shaped dicts. Client-library errors
+(aiohttp, llama.cpp, litellm) are translated into BackendError here, at the seam, exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+Body = dict[str, Any]
+Chunk = dict[str, Any]
+
+
+class ErrorKind(enum.Enum):
+    CONNECT = "connect"  # could not reach the server
+    TIMEOUT = "timeout"  # connect / first-token / idle timeout
+    UPSTREAM_5XX = "upstream_5xx"
+    RATE_LIMITED = "rate_limited"  # the backend answered 429
+    OVERLOADED = "overloaded"  # our own bound: queue full, too deep, breaker open
+    BAD_REQUEST = "bad_request"  # the backend answered 4xx (not 429): never retried
+    PROTOCOL = "protocol"  # the backend spoke something we could not parse
+    MID_STREAM = "mid_stream"  # failed after the first chunk
+
+
+RETRYABLE = frozenset(
+    {
+        ErrorKind.CONNECT,
+        ErrorKind.TIMEOUT,
+        ErrorKind.UPSTREAM_5XX,
+        ErrorKind.RATE_LIMITED,
+        ErrorKind.OVERLOADED,
+    }
+)
+
+
+class BackendError(Exception):
+    """A failure talking to one backend. `message` is safe to show a client (no URLs, no keys)."""
+
+    def __init__(
+        self, kind: ErrorKind, message: str, *, status: int | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status  # upstream HTTP status, when there was one
+        self.param = param
+
+    @property
+    def retryable(self) -> bool:
+        """True when the next backend in the chain may be tried (only before the first byte)."""
+        return self.kind in RETRYABLE
+
+
+@runtime_checkable
+class ChunkStream(Protocol):
+    """An opened upstream stream: iterate chunks, and always close it (idempotent)."""
+
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Backend(Protocol):
+    """One model server (or one in-process model). All methods are coroutines; none blocks the loop."""
+
+    name: str
+    model: str  # the backend's own model id, written into the forwarded body
+    context_length: int | None  # max tokens of prompt + completion, when known
+
+    async def start(self) -> None:
+        """Open resources (sessions, model handles). Called once from the lifespan."""
+
+    async def close(self) -> None:
+        """Release everything start() opened. Safe to call after a failed start()."""
+
+    async def chat(self, body: Body) -> Body:
+        """Non-streaming completion: an OpenAI `chat.completion` object, `usage` included."""
+
+    async def stream(self, body: Body) -> ChunkStream:
+        """Open a stream. Raises BackendError *before* returning when the server refuses
+        (connect error, non-2xx status). Iterating yields `chat.completion.chunk` dicts; an
+        upstream failure while iterating raises BackendError. A usage chunk (empty choices)
+        is yielded last when the body asked for `stream_options.include_usage`."""
+
+    async def health(self) -> bool:
+        """A cheap liveness probe (used by the pool's periodic checks)."""
+
+    async def load(self) -> float | None:
+        """Requests waiting in the server's own queue, when the server exposes it."""
+
+    def count_tokens(self, messages: list[Any]) -> int | None:
+        """Prompt tokens by the backend's own tokenizer when it has one locally, else None."""

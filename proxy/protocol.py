@@ -1,0 +1,217 @@
+"""OpenAI wire models: the chat request allow-list, and builders for responses and chunks. No I/O.
+
+The request model is the allow-list: a field that is not declared here is refused with OpenAI's
+own wording ("Unrecognized request argument supplied"), so nothing a client invents - `api_base`,
+`chat_template`, ... - is ever forwarded upstream. Fields OpenAI accepts but a self-hosted server
+has no use for are accepted and dropped (`DROPPED`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Accepted for SDK compatibility, never forwarded.
+DROPPED = frozenset({"store", "metadata", "service_tier", "user", "prediction", "modalities", "audio"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    url: str = Field(max_length=20_000_000)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(_Model):
+    name: str = Field(max_length=256)
+    arguments: str
+
+
+class ToolCall(_Model):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+
+class FunctionDef(_Model):
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class StreamOptions(_Model):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class JsonSchemaFormat(_Model):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatRequest(_Model):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1, max_length=2048)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    seed: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # vLLM sampling extras (safe: sampling only, nothing that loads files or templates)
+    top_k: int | None = Field(None, ge=-1, le=1000)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    # accepted and dropped (see DROPPED)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    user: str | None = Field(None, max_length=256)
+    prediction: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatRequest:
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop: at most 4 sequences")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def completion_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def upstream_body(self) -> dict[str, Any]:
+        """The allow-listed fields the client set, ready to forward (model still the public one)."""
+        body = self.model_dump(exclude_unset=True, exclude=set(DROPPED), by_alias=True)
+        return {k: v for k, v in body.items() if v is not None}
+
+
+class RequestValidationError(Exception):
+    """Raised by parse_chat_request; `param` names the offending field OpenAI-style."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"str", "list[tagged-union[TextPart,ImagePart]]", "function-after[_shape(), Message]"}:
+            continue
+        elif not str(part).startswith(("function-", "tagged-union", "literal[", "dict[", "list[")):
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Decode and validate a request body. Raises RequestValidationError with OpenAI-style text."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise RequestValidationError(
+            "We could not parse the JSON body of your request. The body must be valid JSON.", None
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestValidationError("The request body must be a JSON object.", None)
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            name = _param(loc) or "?"
+            return_msg = f"Unrecognized request argument supplied: {name}"
+            raise RequestValidationError(return_msg, name) from None
+        if err["type"] == "missing":
+            raise RequestValidationError(f"Missing required parameter: '{_param(loc)}'.", _param(loc)) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        param = _param(loc)
+        raise RequestValidationError(f"Invalid value for '{param}': {msg}." if param else msg, param) from None
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def chunk_frame(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+def model_card(model_id: str, created: int, owner: str = "llm-gateway") -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
