@@ -36,7 +36,7 @@ class ImagePart(_Model):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+ContentPart = TextPart | ImagePart
 
 
 class FunctionCall(_Model):
@@ -165,15 +165,19 @@ class RequestValidationError(Exception):
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's error location as OpenAI-style `messages[0].content`, without union/validator noise."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"str", "list[tagged-union[TextPart,ImagePart]]", "function-after[_shape(), Message]"}:
+        elif part in _MODEL_NAMES or any(ch in str(part) for ch in "[(,"):
             continue
-        elif not str(part).startswith(("function-", "tagged-union", "literal[", "dict[", "list[")):
+        else:
             out += f".{part}" if out else str(part)
     return out or None
+
+
+_MODEL_NAMES = frozenset({"TextPart", "ImagePart", "str", "list", "dict", "bool", "int", "float"})
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
@@ -189,7 +193,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
+        err = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))  # deepest: most specific
         loc = tuple(err["loc"])
         if err["type"] == "extra_forbidden":
             name = _param(loc) or "?"
@@ -215,3 +219,20 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 def model_card(model_id: str, created: int, owner: str = "llm-gateway") -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """A fast, tokenizer-free upper-leaning estimate used to reserve rate-limit tokens before the
+    call (reconciled with the real usage after): ~4 ASCII characters per token, one token per
+    other character (CJK is roughly one token per character), 4 tokens per message of framing."""
+    total = 0
+    for m in messages:
+        total += 4
+        content = m.get("content")
+        texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or () if isinstance(p, dict)]
+        for text in texts:
+            if not text:
+                continue
+            ascii_len = len(text.encode("ascii", "ignore"))
+            total += (ascii_len + 3) // 4 + (len(text) - ascii_len)
+    return total

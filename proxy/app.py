@@ -1,0 +1,228 @@
+"""create_app(settings) -> FastAPI. The lifespan creates every resource and closes it in reverse.
+
+Routes are plain Starlette endpoints (no FastAPI body validation on the hot path: the protocol
+module parses with orjson + pydantic and errors come out in OpenAI's shape, never `{"detail"}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backends.base import Backend
+from backends.pool import Breaker, Member, probe_forever
+from proxy import errors
+from proxy.auth import Authenticator, ensure_secret
+from proxy.cache import ResponseCache
+from proxy.embedding import build_embedder
+from proxy.guard import PolicyGuard
+from proxy.observability import Observer
+from proxy.pipeline import Call, Gateway
+from proxy.protocol import model_card
+from proxy.ratelimit import RateLimiter
+from proxy.settings import Settings, load_settings
+
+log = logging.getLogger("llm_gateway.app")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def build_backend(name: str, cfg: Any, session: aiohttp.ClientSession) -> Backend:
+    """One backend object per configured backend; optional kinds are imported only when used."""
+    if cfg.type == "vllm":
+        from backends.vllm import VllmBackend
+
+        return VllmBackend(name, cfg, session)
+    if cfg.type == "openai":
+        from backends.openai_http import OpenAIHTTPBackend
+
+        return OpenAIHTTPBackend(name, cfg, session)
+    if cfg.type == "llamacpp":
+        from backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(name, cfg)
+    from backends.litellm import LiteLLMBackend  # the optional extra: a clear ImportError if missing
+
+    return LiteLLMBackend(name, cfg)
+
+
+class Runtime:
+    """What the routes need, filled in by the lifespan (nothing exists before start-up)."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None) -> None:
+        self.settings = settings
+        self.observer = Observer(settings.observability, registry)
+        self.gateway: Gateway | None = None
+
+    @property
+    def gw(self) -> Gateway:
+        if self.gateway is None:
+            raise errors.ServiceUnavailable("The gateway is starting.")
+        return self.gateway
+
+    @asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            connector = aiohttp.TCPConnector(limit=4096, limit_per_host=1024, ttl_dns_cache=300)
+            session = aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode())
+            stack.push_async_callback(session.close)
+            members = await self._start_backends(stack, session)
+            secret, _ = ensure_secret(s.auth, Path(s.server.state_dir))
+            public_key = Path(s.auth.public_key_file).read_text() if s.auth.public_key_file else ""
+            auth = Authenticator(s.auth, secret=secret, public_key=public_key, session=session)
+            limiter = RateLimiter(s.limits, s.redis_url)
+            guard = PolicyGuard(s.policies)
+            embedder = build_embedder(s.cache.semantic, session) if s.cache.semantic.enabled else None
+            cache = ResponseCache(s.cache, s.redis_url, embedder)
+            for part in (auth, limiter, guard, *((embedder,) if embedder else ()), cache):
+                await part.start()
+                stack.push_async_callback(part.close)
+            stack.push_async_callback(self.observer.close)
+            self.gateway = Gateway(s, members, auth, limiter, guard, cache, self.observer)
+            try:
+                yield
+            finally:
+                self.gateway = None
+
+    async def _start_backends(self, stack: AsyncExitStack, session: aiohttp.ClientSession) -> dict[str, Member]:
+        members: dict[str, Member] = {}
+        for name, cfg in self.settings.backends.items():
+            backend = build_backend(name, cfg, session)
+            stack.push_async_callback(backend.close)
+            await backend.start()
+            members[name] = Member(
+                backend,
+                Breaker(cfg.breaker.failures, cfg.breaker.reset_s),
+                max_concurrency=getattr(cfg, "max_concurrency", None),
+                max_waiting=getattr(cfg, "max_waiting", None),
+                probe_interval_s=getattr(cfg, "health_interval_s", 5.0),
+            )
+        tasks = [asyncio.create_task(probe_forever(m), name=f"probe:{m.name}") for m in members.values()]
+
+        async def stop_probes() -> None:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        stack.push_async_callback(stop_probes)
+        return members
+
+
+class RequestIdMiddleware:
+    """Pure ASGI: gives every request an id, binds it into log context, echoes `x-request-id`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = f"req_{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = rid
+        raw = rid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw)]
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _error_response(exc: errors.GatewayError, extra: dict[str, str] | None = None) -> Response:
+    headers = {**(extra or {}), **exc.response_headers()}
+    return Response(exc.json(), status_code=exc.status, media_type="application/json", headers=headers)
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> FastAPI:
+    rt = Runtime(settings, registry)
+    app = FastAPI(title="llm-gateway", lifespan=rt.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def chat_completions(request: Request) -> Response:
+        call = Call(request_id=request.state.request_id, started=time.monotonic())
+        try:
+            return await rt.gw.chat_completions(request, call)
+        except errors.GatewayError as exc:
+            call.status, call.error = exc.status, exc.code or exc.type
+            rt.observer.finish(call)
+            return _error_response(exc, call.headers)
+
+    async def list_models(request: Request) -> Response:
+        principal = await rt.gw.auth.authenticate(request.headers.getlist("authorization"))
+        created = int(rt.observer.started_at)
+        data = [
+            model_card(name, created)
+            for name in settings.models
+            if principal.allowed_models is None or name in principal.allowed_models
+        ]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+    async def get_model(request: Request) -> Response:
+        principal = await rt.gw.auth.authenticate(request.headers.getlist("authorization"))
+        name = request.path_params["model_id"]
+        allowed = principal.allowed_models is None or name in principal.allowed_models
+        if name not in settings.models or not allowed:
+            raise errors.ModelNotFound(f"The model '{name[:100]}' does not exist.", param="model")
+        return Response(orjson.dumps(model_card(name, int(rt.observer.started_at))), media_type="application/json")
+
+    async def healthz(_request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def readyz(_request: Request) -> Response:
+        problems = await rt.gw.readiness()
+        body = orjson.dumps({"status": "not_ready" if problems else "ready", "problems": problems})
+        return Response(body, status_code=503 if problems else 200, media_type="application/json")
+
+    async def metrics(_request: Request) -> Response:
+        return Response(generate_latest(rt.observer.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
+    app.add_route("/healthz", healthz, methods=["GET"])
+    app.add_route("/readyz", readyz, methods=["GET"])
+    app.add_route("/metrics", metrics, methods=["GET"])
+
+    @app.exception_handler(errors.GatewayError)
+    async def _gateway_error(_request: Request, exc: errors.GatewayError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return _error_response(errors.from_status(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return _error_response(errors.InternalError())
+
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` / several workers: the CLI passes the config path by env."""
+    return create_app(load_settings(os.environ.get("LLM_GATEWAY_CONFIG", "config/gateway.yaml")))

@@ -1,0 +1,129 @@
+"""The `llm-gateway` command: serve, check-config, token."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from proxy.settings import ConfigError, Settings, load_settings
+
+_PROJECT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.yaml"
+
+
+def default_config() -> Path:
+    """`config/gateway.yaml` in the working directory, else the one shipped with the project."""
+    local = Path("config/gateway.yaml")
+    return local if local.exists() else _PROJECT_CONFIG
+
+
+def _load(path: str | None) -> tuple[Path, Settings]:
+    p = Path(path) if path else default_config()
+    try:
+        return p, load_settings(p)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path, settings = _load(args.path)
+    print(f"{path}: ok ({len(settings.backends)} backends, {len(settings.models)} models)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.auth import ensure_secret
+    from proxy.observability import configure_logging
+
+    path, settings = _load(args.config)
+    server = settings.server
+    host, port = args.host or server.host, args.port if args.port is not None else server.port
+    workers = args.workers or server.workers
+    configure_logging(settings.observability)
+    # The secret is settled here, once, before workers start, so every worker reads the same one.
+    _, generated = ensure_secret(settings.auth, Path(server.state_dir))
+    if generated:
+        print(
+            f"Generated a JWT signing secret in {server.state_dir}/jwt_secret (mode 0600).\n"
+            f"Mint a token:  llm-gateway token --config {path} --sub alice",
+            file=sys.stderr,
+        )
+    os.environ["LLM_GATEWAY_CONFIG"] = str(path)
+    uvicorn.run(
+        "proxy.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        http="httptools",
+        loop="uvloop",
+        access_log=False,
+        timeout_keep_alive=30,
+        limit_max_requests=None,
+        server_header=False,
+        date_header=False,
+        log_level=settings.observability.log_level,
+    )
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from proxy.auth import ensure_secret, mint_token, parse_ttl
+
+    _, settings = _load(args.config)
+    auth = settings.auth
+    algorithm = auth.algorithms[0]
+    if not algorithm.startswith("HS"):
+        print("token: only HS* algorithms can be minted here (RS/ES keys belong to your IdP)", file=sys.stderr)
+        return 2
+    secret, _ = ensure_secret(auth, Path(settings.server.state_dir))
+    token = mint_token(
+        key=secret,
+        algorithm=algorithm,
+        sub=args.sub,
+        tenant=args.tenant,
+        tier=args.tier,
+        models=args.models.split(",") if args.models else None,
+        ttl_s=parse_ttl(args.ttl),
+        audience=auth.audience,
+        issuer=auth.issuer,
+        settings=auth,
+    )
+    print(token)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description="OpenAI-compatible LLM gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="config file (default: config/gateway.yaml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("path", nargs="?")
+    check.set_defaults(func=cmd_check_config)
+    token = sub.add_parser("token", help="print a JWT signed with the configured key")
+    token.add_argument("--config")
+    token.add_argument("--sub", required=True)
+    token.add_argument("--tenant")
+    token.add_argument("--tier")
+    token.add_argument("--models", help="comma-separated allow-list of public model names")
+    token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

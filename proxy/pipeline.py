@@ -1,0 +1,426 @@
+"""The chat-completions pipeline: one short, linear function per endpoint kind.
+
+authenticate -> parse -> rate limit -> choose variant -> input policy -> cache lookup
+  -> backends with fallback (before the first byte only) -> output policy -> cache store -> usage/logs
+
+Every stage is an object built and started by the lifespan (proxy/app.py) and injected here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from backends.base import BackendError, ChunkStream, ErrorKind
+from backends.pool import Member, attempt_order
+from proxy import errors
+from proxy.auth import Authenticator, Principal
+from proxy.cache import CachedAnswer, CacheDecision, CacheScope, ResponseCache, decide
+from proxy.cache import replay_chunks, replay_completion
+from proxy.guard import PolicyGuard
+from proxy.observability import Observer
+from proxy.protocol import DONE_FRAME, ChatRequest, RequestValidationError, chunk_frame, dumps
+from proxy.protocol import estimate_prompt_tokens, parse_chat_request
+from proxy.ratelimit import Admission, RateLimiter
+from proxy.routing import Router, apply_variant, sticky_key
+from proxy.settings import Settings, VariantSettings
+from proxy.streaming import SSEResponse, StreamTap, usage_chunk
+
+
+DEFAULT_COMPLETION_RESERVE = 512  # reserved when the client sets no max_tokens; refunded after
+
+
+@dataclass(slots=True)
+class Call:
+    """Everything known about one request; observability reads it when the request ends."""
+
+    request_id: str
+    started: float
+    principal: Principal | None = None
+    model: str | None = None
+    variant: str | None = None
+    backend: str | None = None
+    tried: list[str] = field(default_factory=list)
+    fallback_reasons: list[str] = field(default_factory=list)
+    cache: str = "bypass"
+    policy: list[str] = field(default_factory=list)
+    stream: bool = False
+    status: int = 200
+    error: str | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    disconnected: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Prepared:
+    req: ChatRequest
+    body: dict[str, Any]
+    variant: VariantSettings
+    scope: CacheScope
+    decision: CacheDecision
+    admission: Admission
+
+
+class Gateway:
+    """The stages, wired. Created unstarted by create_app; the lifespan starts and closes it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        members: dict[str, Member],
+        auth: Authenticator,
+        limiter: RateLimiter,
+        guard: PolicyGuard,
+        cache: ResponseCache,
+        observer: Observer,
+    ) -> None:
+        self.settings = settings
+        self.router = Router(settings)
+        self.members = members
+        self.auth, self.limiter, self.guard, self.cache, self.observer = auth, limiter, guard, cache, observer
+        self._created = int(time.time())
+
+    async def readiness(self) -> list[str]:
+        """Why this replica should not get traffic now; empty when ready."""
+        problems = []
+        for name, experiment in self.router.experiments.items():
+            names = {n for v in experiment.settings.variants for n in (*v.backends, *v.fallback)}
+            if not any(self.members[n].usable() for n in names):
+                problems.append(f"model {name}: no usable backend")
+        if self.settings.redis_url and not await self.limiter.redis_ok():
+            problems.append("redis unreachable")
+        return problems
+
+    # -- entry point -------------------------------------------------------------------------------
+    async def chat_completions(self, request: Request, call: Call) -> Response:
+        call.principal = await self.auth.authenticate(request.headers.getlist("authorization"))
+        raw = await read_body(request, self.settings.server.max_body_bytes, self.settings.server.body_timeout_s)
+        prep = await self._prepare(request, raw, call)
+        try:
+            if prep.decision.read and (hit := await self.cache.lookup(prep.scope, prep.req)):
+                return self._serve_hit(hit, prep, call)
+            call.cache = "miss" if prep.decision.read else "bypass"
+            if prep.req.stream:
+                return await self._stream(prep, call)
+            return await self._complete(prep, call)
+        except BaseException:
+            if not prep.req.stream or call.status != 200:
+                await prep.admission.settle(call.prompt_tokens + call.completion_tokens)
+            raise
+
+    async def _prepare(self, request: Request, raw: bytes, call: Call) -> Prepared:
+        try:
+            req = parse_chat_request(raw)
+        except RequestValidationError as exc:
+            raise errors.InvalidRequest(exc.message, param=exc.param) from None
+        call.model, call.stream = req.model, bool(req.stream)
+        experiment = self.router.get(req.model)
+        principal = call.principal
+        assert principal is not None
+        if experiment is None:
+            raise errors.ModelNotFound(f"The model '{req.model[:100]}' does not exist.", param="model")
+        self.auth.check_model(principal, req.model)
+        key = sticky_key(
+            experiment.settings.sticky_by,
+            sub=principal.sub,
+            tenant=principal.tenant,
+            headers=request.headers,
+            request_id=call.request_id,
+        )
+        variant = experiment.choose(key)
+        call.variant = variant.name
+        body = apply_variant(req.upstream_body(), variant)
+        call.prompt_tokens = estimate_prompt_tokens(body["messages"])
+        reserve = call.prompt_tokens + (req.completion_budget or DEFAULT_COMPLETION_RESERVE)
+        admission = await self.limiter.admit(principal, reserve)
+        call.headers.update(admission.headers)
+        try:
+            body, action = self.guard.check_input(body)
+        except errors.ContentFiltered:
+            call.policy.append("input:block")
+            await admission.settle(0)
+            raise
+        if action:
+            call.policy.append(f"input:{action}")
+        tenant = None if experiment.settings.shared_cache else principal.tenant
+        scope = CacheScope(tenant=tenant, model=req.model, variant=variant.name)
+        decision = decide(req, request.headers, experiment.settings, self.settings.cache)
+        if action == "mask":
+            decision = CacheDecision(read=False, write=False, reason="policy_mask")
+        return Prepared(req, body, variant, scope, decision, admission)
+
+    # -- cache hit --------------------------------------------------------------------------------
+    def _serve_hit(self, hit: CachedAnswer, prep: Prepared, call: Call) -> Response:
+        call.cache = hit.layer
+        call.backend = "cache"
+        common = {"request_id": call.request_id, "created": int(time.time()), "model": prep.req.model}
+        self._set_route_headers(call)
+        if prep.req.stream:
+            chunks = replay_chunks(hit, include_usage=prep.req.include_usage, **common)
+            return SSEResponse(self._replay(chunks, prep, call), call.headers)
+        completion = replay_completion(hit, **common)
+        completion = self._filter_output(completion, call)
+        call.completion_tokens = int((completion.get("usage") or {}).get("completion_tokens", 0))
+        self._spawn(prep.admission.settle(0))  # a cache hit costs the backends nothing
+        return self._json(completion, call)
+
+    async def _replay(self, chunks: list[dict[str, Any]], prep: Prepared, call: Call) -> AsyncIterator[bytes]:
+        filt = self.guard.stream_filter()
+        try:
+            call.ttft_s = time.monotonic() - call.started
+            for chunk in chunks:
+                for out in filt.feed(chunk) if filt else (chunk,):
+                    yield chunk_frame(out)
+                if filt and filt.blocked:
+                    yield self._blocked_end(chunk, call)
+                    return
+            yield DONE_FRAME
+        finally:
+            await prep.admission.settle(0)  # a cache hit costs the backends nothing
+            self.observer.finish(call)
+
+    # -- non-stream -------------------------------------------------------------------------------
+    async def _complete(self, prep: Prepared, call: Call) -> Response:
+        body = prep.body
+        last_error: BackendError | None = None
+        for member in self._chain(prep, call):
+            fwd = self._forward_body(body, member, call)
+            member.outstanding += 1
+            try:
+                completion = await member.backend.chat(fwd)
+            except BackendError as exc:
+                last_error = exc
+                if not self._note_failure(member, exc, call):
+                    break
+                continue
+            finally:
+                member.outstanding -= 1
+            member.breaker.success()
+            return self._finish_completion(completion, member, prep, call)
+        raise self._exhausted(last_error)
+
+    def _finish_completion(self, completion: dict[str, Any], member: Member, prep: Prepared, call: Call) -> Response:
+        call.backend = member.name
+        self._set_route_headers(call)
+        completion["model"] = prep.req.model
+        usage = completion.get("usage") or {}
+        call.prompt_tokens = int(usage.get("prompt_tokens", call.prompt_tokens))
+        call.completion_tokens = int(usage.get("completion_tokens", 0))
+        filtered = self._filter_output(completion, call)
+        if prep.decision.write and _complete_choices(filtered):  # a blocked answer ends in content_filter
+            self._spawn(self.cache.store(prep.scope, prep.req, CachedAnswer("hit", None, filtered)))
+        self._spawn(prep.admission.settle(call.prompt_tokens + call.completion_tokens))
+        return self._json(filtered, call)
+
+    # -- stream -----------------------------------------------------------------------------------
+    async def _stream(self, prep: Prepared, call: Call) -> Response:
+        body = dict(prep.body)
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        last_error: BackendError | None = None
+        for member in self._chain(prep, call):
+            fwd = self._forward_body(body, member, call)
+            member.outstanding += 1
+            try:
+                upstream = await member.backend.stream(fwd)
+                first = await _first_chunk(upstream)
+            except BackendError as exc:
+                member.outstanding -= 1
+                last_error = exc
+                if not self._note_failure(member, exc, call):
+                    break
+                continue
+            member.breaker.success()
+            call.backend = member.name
+            call.ttft_s = time.monotonic() - call.started
+            self._set_route_headers(call)
+            return SSEResponse(self._relay(upstream, first, member, prep, call), call.headers)
+        raise self._exhausted(last_error)
+
+    async def _relay(
+        self, upstream: ChunkStream, first: dict[str, Any], member: Member, prep: Prepared, call: Call
+    ) -> AsyncIterator[bytes]:
+        tap, filt = StreamTap(), self.guard.stream_filter()
+        include_usage, model = prep.req.include_usage, prep.req.model
+        chunks = _chain_first(first, upstream)
+        try:
+            async for chunk in chunks:
+                chunk["model"] = model
+                if not chunk.get("choices") and chunk.get("usage"):
+                    tap.usage = chunk["usage"]
+                    continue
+                for out in filt.feed(chunk) if filt else (chunk,):
+                    tap.observe(out)
+                    tap.chunks.append(out)
+                    yield chunk_frame(out)
+                if filt and filt.blocked:
+                    tap.blocked = True
+                    yield self._blocked_end(chunk, call)
+                    return
+            if include_usage:
+                yield chunk_frame(usage_chunk(first, self._final_usage(tap, call)))
+            tap.complete = bool(tap.finish_reasons)
+            yield DONE_FRAME
+        except BackendError as exc:
+            call.status, call.error = 502, exc.kind.value
+            yield errors.BadGateway("The model server failed while streaming; the answer is incomplete.").sse_frame()
+        finally:
+            await upstream.aclose()
+            member.outstanding -= 1
+            self._end_stream(tap, prep, call)
+
+    def _end_stream(self, tap: StreamTap, prep: Prepared, call: Call) -> None:
+        call.completion_tokens = tap.completion_tokens
+        if tap.usage:
+            call.prompt_tokens = int(tap.usage.get("prompt_tokens", call.prompt_tokens))
+        if tap.complete and not tap.blocked and prep.decision.write and call.status == 200:
+            answer = CachedAnswer("hit", tap.chunks, None, usage=self._final_usage(tap, call))
+            self._spawn(self.cache.store(prep.scope, prep.req, answer))
+        self._spawn(prep.admission.settle(call.prompt_tokens + call.completion_tokens))
+        self.observer.finish(call)
+
+    # -- shared pieces ----------------------------------------------------------------------------
+    def _chain(self, prep: Prepared, call: Call) -> list[Member]:
+        chain = attempt_order(self.members, prep.variant.backends, prep.variant.fallback)
+        for name in (*prep.variant.backends, *prep.variant.fallback):
+            member = self.members[name]
+            if member not in chain:
+                call.fallback_reasons.append(member.skip_reason())
+        if not chain:
+            raise errors.ServiceUnavailable(
+                "No backend for this model is available right now.", headers={"retry-after": "1"}
+            )
+        return chain
+
+    def _forward_body(self, body: dict[str, Any], member: Member, call: Call) -> dict[str, Any]:
+        """The body for one backend: its own model id, and max_tokens fitted to its context."""
+        call.tried.append(member.name)
+        fwd = dict(body)
+        fwd["model"] = member.backend.model
+        ctx = member.backend.context_length
+        if ctx is None:
+            return fwd
+        prompt = member.backend.count_tokens(body["messages"]) or call.prompt_tokens
+        room = ctx - prompt
+        if room < 1:
+            raise errors.InvalidRequest(
+                f"This model's maximum context length is {ctx} tokens; the messages use {prompt}.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        key = "max_completion_tokens" if "max_completion_tokens" in fwd else "max_tokens"
+        fwd[key] = min(int(fwd.get(key) or room), room)
+        return fwd
+
+    def _note_failure(self, member: Member, exc: BackendError, call: Call) -> bool:
+        """Record a failed attempt; True when the next backend may be tried."""
+        call.fallback_reasons.append(exc.kind.value)
+        if exc.kind in (ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.UPSTREAM_5XX, ErrorKind.PROTOCOL):
+            member.breaker.failure()
+        return exc.retryable
+
+    def _exhausted(self, last: BackendError | None) -> errors.GatewayError:
+        if last is None:
+            return errors.ServiceUnavailable("No backend for this model is available right now.")
+        if last.kind is ErrorKind.BAD_REQUEST:
+            return errors.InvalidRequest(last.message, param=last.param)
+        if last.kind is ErrorKind.TIMEOUT:
+            return errors.GatewayTimeout("The model server did not answer in time.")
+        if last.kind in (ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED):
+            return errors.ServiceUnavailable("All backends are busy; retry shortly.", headers={"retry-after": "1"})
+        return errors.BadGateway("The model server failed; no fallback could answer.")
+
+    def _filter_output(self, completion: dict[str, Any], call: Call) -> dict[str, Any]:
+        filtered, action = self.guard.filter_output(completion)
+        if action:
+            call.policy.append(f"output:{action}")
+        return filtered
+
+    def _blocked_end(self, chunk: dict[str, Any], call: Call) -> bytes:
+        call.policy.append("output:block")
+        end = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter", "logprobs": None}]}
+        end.pop("usage", None)
+        err = errors.ContentFiltered("The generated text was stopped by the output content policy.")
+        return chunk_frame(end) + err.sse_frame()
+
+    def _final_usage(self, tap: StreamTap, call: Call) -> dict[str, Any]:
+        if tap.usage:
+            return tap.usage
+        prompt, completion = call.prompt_tokens, tap.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _set_route_headers(self, call: Call) -> None:
+        call.headers["x-gateway-cache"] = call.cache
+        if call.variant:
+            call.headers["x-gateway-variant"] = call.variant
+        if call.backend:
+            call.headers["x-gateway-backend"] = call.backend
+
+    def _json(self, payload: dict[str, Any], call: Call) -> Response:
+        self.observer.finish(call)
+        return Response(dumps(payload), media_type="application/json", headers=call.headers)
+
+    def _spawn(self, coro: Any) -> None:
+        self.observer.spawn(coro)
+
+
+def _complete_choices(completion: dict[str, Any]) -> bool:
+    choices = completion.get("choices") or []
+    return bool(choices) and all(c.get("finish_reason") in ("stop", "length") for c in choices)
+
+
+async def _first_chunk(upstream: ChunkStream) -> dict[str, Any]:
+    """Wait for the first chunk (the stream enforces the first-token timeout). Closes on failure."""
+    try:
+        async for chunk in upstream:
+            return chunk
+    except BaseException:
+        await upstream.aclose()
+        raise
+    await upstream.aclose()
+    raise BackendError(ErrorKind.CONNECT, "The model server ended the stream before any token.")
+
+
+async def _chain_first(first: dict[str, Any], upstream: ChunkStream) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for chunk in upstream:
+        yield chunk
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """Read the body, refusing with 413 as soon as it is known to be too large."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise errors.InvalidRequest("Invalid Content-Length header.")
+        if int(declared) > limit:
+            raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+
+    async def consume() -> None:
+        nonlocal size
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+            parts.append(part)
+
+    try:
+        await asyncio.wait_for(consume(), timeout_s)
+    except TimeoutError:
+        raise errors.InvalidRequest("The request body was not received in time.", code="body_timeout") from None
+    return b"".join(parts)
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"

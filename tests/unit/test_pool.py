@@ -1,0 +1,71 @@
+"""Circuit breaker with an injected clock, and the attempt order over a pool plus fallbacks."""
+
+from dataclasses import dataclass
+
+from backends.pool import Breaker, Member, attempt_order
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_breaker_opens_after_threshold_and_half_opens_after_reset():
+    clock = Clock()
+    b = Breaker(failures=3, reset_s=10, clock=clock)
+    for _ in range(2):
+        b.failure()
+    assert b.state == "closed" and b.allow()
+    b.failure()
+    assert b.state == "open" and not b.allow()
+    clock.t = 10
+    assert b.state == "half_open"
+    assert b.allow() and not b.allow()  # exactly one trial
+    b.failure()
+    assert b.state == "open"
+    clock.t = 25
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow() and b.allow()
+
+
+def test_success_resets_the_failure_count():
+    b = Breaker(failures=2, reset_s=1, clock=Clock())
+    b.failure()
+    b.success()
+    b.failure()
+    assert b.state == "closed"
+
+
+@dataclass
+class FakeBackend:
+    name: str
+
+
+def _members(**outstanding):
+    return {n: Member(FakeBackend(n), Breaker(1, 60, Clock()), outstanding=o) for n, o in outstanding.items()}
+
+
+def test_least_outstanding_first_then_fallbacks_in_order():
+    m = _members(a=5, b=1, c=0, cpu=0)
+    chain = attempt_order(m, ["a", "b"], ["c", "cpu"])
+    assert [x.name for x in chain] == ["b", "a", "c", "cpu"]
+
+
+def test_unusable_members_are_skipped():
+    m = _members(a=0, b=0, cpu=0)
+    m["a"].healthy = False
+    m["b"].breaker.failure()
+    assert [x.name for x in attempt_order(m, ["a", "b"], ["cpu"])] == ["cpu"]
+    assert m["a"].skip_reason() == "unhealthy" and m["b"].skip_reason() == "breaker_open"
+
+
+def test_queue_depth_and_concurrency_bounds():
+    m = _members(a=0, b=3, cpu=0)
+    m["a"].max_waiting, m["a"].waiting = 4, 9
+    m["b"].max_concurrency = 3
+    assert [x.name for x in attempt_order(m, ["a", "b"], ["cpu"])] == ["cpu"]
+    assert m["a"].skip_reason() == "queue_too_deep" and m["b"].skip_reason() == "saturated"
