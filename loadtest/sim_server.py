@@ -1,0 +1,343 @@
+"""The simulated vLLM server: owns the listening socket, the aiohttp runner, the scheduler slots
+behind `vllm:num_requests_running/waiting`, the request records and the admin API (/_sim/*).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from loadtest.sim_plan import Plan, RequestError, SimConfig, build_plan, stream_frames
+from loadtest.sim_wire import JSON_HEADERS, SSE_HEADERS, chat_completion, error_body, metrics_text, model_list
+
+MAX_RECORDS = 10_000
+_SLOW_FACTOR = 10
+_METRICS_HEADERS = {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+_Record = dict[str, Any]
+
+
+class Simulator:
+    """One simulated vLLM server. Every method runs on the event loop that called `start()`."""
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        admin_port: int | None = None,
+    ) -> None:
+        self.initial = config or SimConfig()
+        self.config = self.initial
+        self.host, self.port, self.admin_port = host, port, admin_port
+        self._records: deque[_Record] = deque(maxlen=MAX_RECORDS)
+        self._running = 0
+        self._queue: deque[asyncio.Future[None]] = deque()
+        self._busy: set[object] = set()  # connections serving a chat request now
+        self._counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0}
+        self._success = {"stop": 0, "length": 0}
+        self._created = int(time.time())
+        self._perm_id = "modelperm-" + os.urandom(16).hex()
+        self._runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Listen (port 0 picks a free one, kept for the simulator's lifetime); return the port."""
+        app = web.Application()
+        app.add_routes(
+            [
+                web.post("/v1/chat/completions", self._chat),
+                web.get("/v1/models", self._models),
+                web.get("/health", self._health),
+                web.get("/metrics", self._metrics),
+            ]
+        )
+        app.add_routes(self._admin_routes())
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await self._listen()  # even when refusing from the start, to own a port to come back on
+        if self.config.fault == "refuse":
+            self._refuse()
+        if self.admin_port is not None:  # stays reachable while the main port refuses connections
+            admin = web.Application()
+            admin.add_routes(self._admin_routes())
+            self._admin_runner = web.AppRunner(admin, access_log=None)
+            await self._admin_runner.setup()
+            site = web.TCPSite(self._admin_runner, self.host, self.admin_port, reuse_address=True)
+            await site.start()
+        return self.port
+
+    async def close(self) -> None:
+        self._stop_listening()
+        for runner in (self._runner, self._admin_runner):
+            if runner is not None:
+                for conn in runner.server.connections if runner.server else ():
+                    conn.force_close()
+                await runner.cleanup()
+        self._runner = self._admin_runner = None
+
+    async def _listen(self) -> None:
+        assert self._runner is not None and self._runner.server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._runner.server, self.host, self.port, reuse_address=True, backlog=2048
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def _refuse(self) -> None:
+        """Like a dead process: nothing listens, idle kept-alive connections are closed, and a
+        request in flight closes its connection once answered."""
+        self._stop_listening()
+        if self._runner is not None and self._runner.server is not None:
+            for conn in self._runner.server.connections:
+                if conn in self._busy:
+                    conn.close()
+                else:
+                    conn.force_close()
+
+    # control ---------------------------------------------------------------------------------------
+    async def configure(self, changes: Mapping[str, Any]) -> SimConfig:
+        new = self.config.replace(changes)
+        old, self.config = self.config, new
+        if new.fault == "refuse" and old.fault != "refuse":
+            self._refuse()
+            await asyncio.sleep(0)  # let the loop finish closing the listener before we answer
+        elif old.fault == "refuse" and new.fault != "refuse":
+            await self._listen()
+        self._promote()
+        return new
+
+    async def reset(self) -> SimConfig:
+        """Forget the records and go back to the configuration the simulator started with."""
+        self._records.clear()
+        return await self.configure(dataclasses.asdict(self.initial))
+
+    async def records(self) -> list[_Record]:
+        return [dict(r) for r in self._records]
+
+    # scheduler slots: running <= max_num_seqs, the rest queue in arrival order --------------------------
+    async def _admit(self) -> None:
+        if self._running < self.config.max_num_seqs and not self._queue:
+            self._running += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._queue.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # a slot was handed over just as the client left
+            else:
+                self._queue.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        self._running -= 1
+        self._promote()
+
+    def _promote(self) -> None:
+        while self._queue and self._running < self.config.max_num_seqs:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                self._running += 1
+                waiter.set_result(None)
+
+    # chat completions ----------------------------------------------------------------------------
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.config  # one consistent config per request, even if changed meanwhile
+        raw = await request.read()
+        try:
+            body: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        rid = "chatcmpl-" + (
+            request.headers.get("X-Request-Id")
+            or (body.get("request_id") if isinstance(body, dict) else None)
+            or os.urandom(16).hex()
+        )
+        rec = _new_record(request, rid, body)
+        self._records.append(rec)
+        self._busy.add(request.protocol)
+        try:
+            return await self._answer(request, rec, cfg, body)
+        except asyncio.CancelledError:
+            rec["cancelled"] = not rec["dropped"]
+            raise
+        except ConnectionResetError:  # the client left between two writes
+            rec["cancelled"] = True
+            return web.StreamResponse()
+        finally:
+            rec["finished"] = time.monotonic()
+            self._busy.discard(request.protocol)
+
+    async def _answer(
+        self, request: web.Request, rec: _Record, cfg: SimConfig, body: Any
+    ) -> web.StreamResponse:
+        if cfg.fault == "refuse":  # arrived on a connection opened before the refusal
+            return _drop(request, rec)
+        if cfg.fault == "status":
+            return await _send_error(request, rec, cfg, cfg.fault_status, "Simulated fault.")
+        try:
+            plan = build_plan(body, cfg, rec["id"])
+        except RequestError as exc:
+            return await _send_error(request, rec, cfg, exc.status, exc.message)
+        await self._admit()
+        try:
+            if cfg.fault == "stall":  # a hung engine: the request holds its slot, nothing is sent
+                await asyncio.sleep(cfg.stall_s)
+            self._counters["prompt_tokens_total"] += plan.prompt_tokens
+            factor = _SLOW_FACTOR / 1000 if cfg.fault == "slow" else 1 / 1000
+            ttft, itl = cfg.ttft_ms * factor, cfg.itl_ms * factor
+            drop_after = cfg.drop_after_chunks if cfg.fault == "drop" else -1
+            if plan.stream:
+                resp = await _stream(request, rec, plan, ttft, itl, drop_after)
+            else:
+                resp = await _complete(request, rec, plan, ttft + itl * (len(plan.tokens) - 1), drop_after)
+            if rec["completed"]:
+                self._counters["generation_tokens_total"] += plan.n * len(plan.tokens)
+                self._success[plan.finish] += 1
+            return resp
+        finally:
+            self._release()
+
+    # other endpoints -------------------------------------------------------------------------------
+    async def _models(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        return web.Response(
+            body=model_list(cfg.model, cfg.max_model_len, self._created, self._perm_id), headers=JSON_HEADERS
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        cfg = self.config
+        gauges = {
+            "num_requests_running": self._running,
+            "num_requests_waiting": cfg.waiting + len(self._queue),
+            "kv_cache_usage_perc": min(1.0, self._running / cfg.max_num_seqs),
+        }
+        gauges["gpu_cache_usage_perc"] = gauges["kv_cache_usage_perc"]
+        body = metrics_text(cfg.model, gauges, dict(self._counters), self._success)
+        return web.Response(body=body, headers=_METRICS_HEADERS)
+
+    def _admin_routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/_sim/config", self._get_config),
+            web.post("/_sim/config", self._post_config),
+            web.get("/_sim/requests", self._get_requests),
+            web.post("/_sim/reset", self._post_reset),
+        ]
+
+    async def _get_config(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.config.to_json(), headers=JSON_HEADERS)
+
+    async def _post_config(self, request: web.Request) -> web.Response:
+        try:
+            changes = orjson.loads(await request.read())
+            if not isinstance(changes, dict):
+                raise ValueError("config changes must be a JSON object")
+            config = await self.configure(changes)
+        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+            return web.Response(status=400, body=error_body(400, str(exc)), headers=JSON_HEADERS)
+        return web.Response(body=config.to_json(), headers=JSON_HEADERS)
+
+    async def _get_requests(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(await self.records()), headers=JSON_HEADERS)
+
+    async def _post_reset(self, request: web.Request) -> web.Response:
+        return web.Response(body=(await self.reset()).to_json(), headers=JSON_HEADERS)
+
+
+def _new_record(request: web.Request, rid: str, body: Any) -> _Record:
+    return {
+        "id": rid,
+        "body": body,
+        "headers": {k.lower(): v for k, v in request.headers.items()},
+        "started": time.monotonic(),
+        "finished": None,
+        "completed": False,
+        "cancelled": False,
+        "dropped": False,
+        "status": None,
+    }
+
+
+def _drop(request: web.Request, rec: _Record) -> web.StreamResponse:
+    """Close the connection with no (further) response bytes: what a crashed server looks like."""
+    rec["dropped"] = True
+    if request.transport is not None:
+        request.transport.close()
+    return web.StreamResponse()  # aiohttp's write of it fails quietly on the closed transport
+
+
+async def _send_error(
+    request: web.Request, rec: _Record, cfg: SimConfig, status: int, message: str
+) -> web.Response:
+    resp = web.Response(
+        status=status, body=error_body(status, message, legacy=cfg.legacy_errors), headers=JSON_HEADERS
+    )
+    await resp.prepare(request)
+    await resp.write_eof()
+    rec["status"], rec["completed"] = status, True
+    return resp
+
+
+async def _complete(
+    request: web.Request, rec: _Record, plan: Plan, delay: float, drop_after: int
+) -> web.StreamResponse:
+    if delay > 0:
+        await asyncio.sleep(delay)
+    if drop_after >= 0:
+        return _drop(request, rec)
+    text = "".join(plan.tokens)
+    usage = plan.n * len(plan.tokens)
+    body = chat_completion(plan.rid, plan.model, [(text, plan.finish)] * plan.n, plan.prompt_tokens, usage)
+    resp = web.Response(body=body, headers=JSON_HEADERS)
+    await resp.prepare(request)
+    await resp.write_eof()
+    rec["status"], rec["completed"] = 200, True
+    return resp
+
+
+async def _stream(
+    request: web.Request, rec: _Record, plan: Plan, ttft: float, itl: float, drop_after: int
+) -> web.StreamResponse:
+    """Frames due at the same moment go out in one write; zero delays never sleep."""
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    rec["status"] = 200
+    if drop_after == 0:
+        return _drop(request, rec)
+    pending: list[bytes] = []
+    sent = 0
+    for delay, frame in stream_frames(plan, ttft, itl):
+        if delay > 0:
+            if pending:
+                await resp.write(b"".join(pending))
+                pending.clear()
+            await asyncio.sleep(delay)
+        pending.append(frame)
+        sent += 1
+        if sent == drop_after:
+            await resp.write(b"".join(pending))
+            return _drop(request, rec)
+    await resp.write(b"".join(pending))
+    await resp.write_eof()
+    rec["completed"] = True
+    return resp
