@@ -46,9 +46,10 @@ class SSEChunkStream:
         self._idle = idle_timeout
         self._yielded = False
         self._done = False
+        self._iter = self._chunks()  # one iterator: the first chunk and the rest come from it
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._chunks()
+        return self._iter
 
     async def _chunks(self) -> AsyncIterator[Chunk]:
         buf = b""
@@ -100,6 +101,7 @@ class SSEChunkStream:
         return chunk
 
     async def aclose(self) -> None:
+        await self._iter.aclose()
         if self._done:
             self._resp.release()
         else:
@@ -141,11 +143,17 @@ class OpenAIHTTPBackend:
     async def close(self) -> None:
         return None
 
+    async def _post(self, data: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """POST once more when a pooled keep-alive connection turns out to be dead: the server
+        closed it while idle, so the request never reached it and resending is safe."""
+        try:
+            return await self._session.post(self._url, data=data, headers=self._headers, timeout=timeout)
+        except aiohttp.ServerDisconnectedError:
+            return await self._session.post(self._url, data=data, headers=self._headers, timeout=timeout)
+
     async def chat(self, body: Body) -> Body:
         try:
-            async with self._session.post(
-                self._url, data=orjson.dumps(body), headers=self._headers, timeout=self._chat_timeout
-            ) as resp:
+            async with await self._post(orjson.dumps(body), self._chat_timeout) as resp:
                 raw = await resp.read()
                 status = resp.status
         except TimeoutError:
@@ -164,10 +172,7 @@ class OpenAIHTTPBackend:
         deadline = time.monotonic() + self._s.first_token_timeout_s
         try:
             resp = await asyncio.wait_for(
-                self._session.post(
-                    self._url, data=orjson.dumps(body), headers=self._headers, timeout=self._stream_timeout
-                ),
-                self._s.first_token_timeout_s,
+                self._post(orjson.dumps(body), self._stream_timeout), self._s.first_token_timeout_s
             )
         except TimeoutError:
             raise BackendError(ErrorKind.TIMEOUT, "The model server timed out before answering.") from None

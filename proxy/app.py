@@ -82,7 +82,9 @@ class Runtime:
         s = self.settings
         async with AsyncExitStack() as stack:
             connector = aiohttp.TCPConnector(limit=4096, limit_per_host=1024, ttl_dns_cache=300)
-            session = aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode())
+            session = aiohttp.ClientSession(
+                connector=connector, json_serialize=lambda o: orjson.dumps(o).decode()
+            )
             stack.push_async_callback(session.close)
             members = await self._start_backends(stack, session)
             secret, _ = ensure_secret(s.auth, Path(s.server.state_dir))
@@ -102,7 +104,9 @@ class Runtime:
             finally:
                 self.gateway = None
 
-    async def _start_backends(self, stack: AsyncExitStack, session: aiohttp.ClientSession) -> dict[str, Member]:
+    async def _start_backends(
+        self, stack: AsyncExitStack, session: aiohttp.ClientSession
+    ) -> dict[str, Member]:
         members: dict[str, Member] = {}
         for name, cfg in self.settings.backends.items():
             backend = build_backend(name, cfg, session)
@@ -186,7 +190,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         allowed = principal.allowed_models is None or name in principal.allowed_models
         if name not in settings.models or not allowed:
             raise errors.ModelNotFound(f"The model '{name[:100]}' does not exist.", param="model")
-        return Response(orjson.dumps(model_card(name, int(rt.observer.started_at))), media_type="application/json")
+        return Response(
+            orjson.dumps(model_card(name, int(rt.observer.started_at))), media_type="application/json"
+        )
 
     async def healthz(_request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")

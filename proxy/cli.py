@@ -78,7 +78,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     auth = settings.auth
     algorithm = auth.algorithms[0]
     if not algorithm.startswith("HS"):
-        print("token: only HS* algorithms can be minted here (RS/ES keys belong to your IdP)", file=sys.stderr)
+        print(
+            "token: only HS* algorithms can be minted here (RS/ES keys belong to your IdP)", file=sys.stderr
+        )
         return 2
     secret, _ = ensure_secret(auth, Path(settings.server.state_dir))
     token = mint_token(

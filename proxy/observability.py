@@ -47,17 +47,32 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("model", "variant", "backend")
         self.requests = Counter(
-            "llm_gateway_requests", "Chat requests by outcome", (*labels, "status", "cache"), registry=registry
+            "llm_gateway_requests",
+            "Chat requests by outcome",
+            (*labels, "status", "cache"),
+            registry=registry,
         )
         self.latency = Histogram(
-            "llm_gateway_request_seconds", "End-to-end latency", labels, buckets=_LATENCY_BUCKETS, registry=registry
+            "llm_gateway_request_seconds",
+            "End-to-end latency",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.ttft = Histogram(
-            "llm_gateway_ttft_seconds", "Time to first token", labels, buckets=_LATENCY_BUCKETS, registry=registry
+            "llm_gateway_ttft_seconds",
+            "Time to first token",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.tokens = Counter("llm_gateway_tokens", "Tokens", (*labels, "kind"), registry=registry)
-        self.fallbacks = Counter("llm_gateway_fallbacks", "Backends skipped or failed", ("reason",), registry=registry)
-        self.policy = Counter("llm_gateway_policy_actions", "Policy actions", ("direction", "action"), registry=registry)
+        self.fallbacks = Counter(
+            "llm_gateway_fallbacks", "Backends skipped or failed", ("reason",), registry=registry
+        )
+        self.policy = Counter(
+            "llm_gateway_policy_actions", "Policy actions", ("direction", "action"), registry=registry
+        )
 
 
 class Observer:

@@ -104,7 +104,9 @@ class Gateway:
     # -- entry point -------------------------------------------------------------------------------
     async def chat_completions(self, request: Request, call: Call) -> Response:
         call.principal = await self.auth.authenticate(request.headers.getlist("authorization"))
-        raw = await read_body(request, self.settings.server.max_body_bytes, self.settings.server.body_timeout_s)
+        raw = await read_body(
+            request, self.settings.server.max_body_bytes, self.settings.server.body_timeout_s
+        )
         prep = await self._prepare(request, raw, call)
         try:
             if prep.decision.read and (hit := await self.cache.lookup(prep.scope, prep.req)):
@@ -209,7 +211,9 @@ class Gateway:
             return self._finish_completion(completion, member, prep, call)
         raise self._exhausted(last_error)
 
-    def _finish_completion(self, completion: dict[str, Any], member: Member, prep: Prepared, call: Call) -> Response:
+    def _finish_completion(
+        self, completion: dict[str, Any], member: Member, prep: Prepared, call: Call
+    ) -> Response:
         call.backend = member.name
         self._set_route_headers(call)
         completion["model"] = prep.req.model
@@ -272,7 +276,12 @@ class Gateway:
             yield DONE_FRAME
         except BackendError as exc:
             call.status, call.error = 502, exc.kind.value
-            yield errors.BadGateway("The model server failed while streaming; the answer is incomplete.").sse_frame()
+            yield errors.BadGateway(
+                "The model server failed while streaming; the answer is incomplete."
+            ).sse_frame()
+        except (asyncio.CancelledError, GeneratorExit):
+            call.disconnected = True  # the client went away; finally closes the upstream request
+            raise
         finally:
             await upstream.aclose()
             member.outstanding -= 1
@@ -336,7 +345,9 @@ class Gateway:
         if last.kind is ErrorKind.TIMEOUT:
             return errors.GatewayTimeout("The model server did not answer in time.")
         if last.kind in (ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED):
-            return errors.ServiceUnavailable("All backends are busy; retry shortly.", headers={"retry-after": "1"})
+            return errors.ServiceUnavailable(
+                "All backends are busy; retry shortly.", headers={"retry-after": "1"}
+            )
         return errors.BadGateway("The model server failed; no fallback could answer.")
 
     def _filter_output(self, completion: dict[str, Any], call: Call) -> dict[str, Any]:
@@ -347,7 +358,10 @@ class Gateway:
 
     def _blocked_end(self, chunk: dict[str, Any], call: Call) -> bytes:
         call.policy.append("output:block")
-        end = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter", "logprobs": None}]}
+        end = {
+            **chunk,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter", "logprobs": None}],
+        }
         end.pop("usage", None)
         err = errors.ContentFiltered("The generated text was stopped by the output content policy.")
         return chunk_frame(end) + err.sse_frame()
@@ -418,7 +432,9 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     try:
         await asyncio.wait_for(consume(), timeout_s)
     except TimeoutError:
-        raise errors.InvalidRequest("The request body was not received in time.", code="body_timeout") from None
+        raise errors.InvalidRequest(
+            "The request body was not received in time.", code="body_timeout"
+        ) from None
     return b"".join(parts)
 
 

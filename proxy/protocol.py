@@ -200,10 +200,14 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             return_msg = f"Unrecognized request argument supplied: {name}"
             raise RequestValidationError(return_msg, name) from None
         if err["type"] == "missing":
-            raise RequestValidationError(f"Missing required parameter: '{_param(loc)}'.", _param(loc)) from None
+            raise RequestValidationError(
+                f"Missing required parameter: '{_param(loc)}'.", _param(loc)
+            ) from None
         msg = err["msg"].removeprefix("Value error, ")
         param = _param(loc)
-        raise RequestValidationError(f"Invalid value for '{param}': {msg}." if param else msg, param) from None
+        raise RequestValidationError(
+            f"Invalid value for '{param}': {msg}." if param else msg, param
+        ) from None
 
 
 def dumps(obj: Any) -> bytes:
@@ -229,7 +233,11 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     for m in messages:
         total += 4
         content = m.get("content")
-        texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or () if isinstance(p, dict)]
+        texts = (
+            [content]
+            if isinstance(content, str)
+            else [p.get("text", "") for p in content or () if isinstance(p, dict)]
+        )
         for text in texts:
             if not text:
                 continue

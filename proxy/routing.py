@@ -44,9 +44,7 @@ class Router:
         return self.experiments.get(model)
 
 
-def sticky_key(
-    how: str, *, sub: str, tenant: str, headers: Mapping[str, str], request_id: str
-) -> str:
+def sticky_key(how: str, *, sub: str, tenant: str, headers: Mapping[str, str], request_id: str) -> str:
     """The string a user is hashed on. A missing sticky header falls back to the subject."""
     if how == "sub":
         return f"sub:{sub}"

@@ -97,3 +97,18 @@ def test_error_event_mid_stream():
         return info.value
 
     assert asyncio.run(run()).kind is ErrorKind.MID_STREAM
+
+
+def test_first_chunk_then_the_rest_from_one_stream():
+    """The pipeline takes the first chunk (fallback decision), then relays the rest."""
+
+    async def run():
+        stream = SSEChunkStream(Resp([STREAM]), first_deadline=1e18, idle_timeout=5)
+        async for first in stream:
+            break
+        rest = [c async for c in stream]
+        await stream.aclose()
+        return first, rest
+
+    first, rest = asyncio.run(run())
+    assert first["i"] == 0 and [c["i"] for c in rest] == [1, 2]

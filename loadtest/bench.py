@@ -1,0 +1,202 @@
+"""Gateway overhead benchmark: direct-to-simulator versus through-the-gateway (prints figures).
+
+Layout on a 2-core machine: the gateway (one worker) is pinned to core 0; the zero-delay vLLM
+simulator and the load generators share core 1. Measured:
+  * max requests/s, non-stream (wrk, closed loop, 64 connections) direct vs gateway
+  * at fixed 200 and 500 requests/s (open loop): latency p50/p99, non-stream, and time to first
+    token for streams, direct vs gateway, and the difference (what the gateway adds)
+
+    .venv/bin/python loadtest/bench.py [--seconds 10] [--features core|auth|full] [--redis URL]
+
+--features core: auth with a valid token, generous limits in memory, policies and cache off.
+--features auth: the same with limits in Redis (--redis) - the cost of identity and limits.
+--features full: auth + Redis limits + policies + exact cache (requests vary, so all misses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(sim_url: str, features: str, redis_url: str) -> dict[str, Any]:
+    words = [str(ROOT / "config/words/zh.txt"), str(ROOT / "config/words/en.txt")]
+    full = features == "full"
+    return {
+        "redis_url": redis_url if features in ("auth", "full") else "",
+        "auth": {"secret": SECRET, "audience": "llm-gateway", "issuer": "bench"},
+        "limits": {"tiers": {"default": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12}}},
+        "cache": {"enabled": full, "semantic": {"enabled": False}},
+        "policies": {"words": words if full else [], "input": "block" if full else "off",
+                     "output": "mask" if full else "off"},
+        "observability": {"log_level": "warning", "log_format": "json"},
+        "backends": {"gpu": {"type": "vllm", "url": sim_url, "model": "sim-model", "health_interval_s": 5}},
+        "models": {"assistant": {"variants": [{"name": "control", "weight": 1, "backends": ["gpu"]}]}},
+    }
+
+
+def _token() -> str:
+    from proxy.auth import mint_token
+    from proxy.settings import AuthSettings
+
+    auth = AuthSettings(secret=SECRET, audience="llm-gateway", issuer="bench")
+    return mint_token(key=SECRET, algorithm="HS256", sub="bench", tenant=None, tier=None, models=None,
+                      ttl_s=3600, audience=auth.audience, issuer=auth.issuer, settings=auth)
+
+
+async def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _body(i: int, stream: bool) -> bytes:
+    return orjson.dumps({"model": "assistant", "messages": [{"role": "user", "content": f"Question number {i}?"}],
+                         "max_tokens": 16, "stream": stream})
+
+
+async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str], i: int, stream: bool) -> float:
+    start = time.perf_counter()
+    async with session.post(url, data=_body(i, stream), headers=headers) as r:
+        if r.status != 200:
+            raise RuntimeError(f"status {r.status}: {(await r.read())[:200]!r}")
+        if stream:
+            async for line in r.content:
+                if line.startswith(b"data: {") and b'"content"' in line:
+                    first = time.perf_counter() - start
+                    await r.read()
+                    return first
+            raise RuntimeError("stream had no content")
+        await r.read()
+    return time.perf_counter() - start
+
+
+async def open_loop(url: str, headers: dict[str, str], rate: float, seconds: float, stream: bool) -> list[float]:
+    """Send at a fixed rate regardless of answers (no coordinated omission); returns latencies."""
+    conn = aiohttp.TCPConnector(limit=2000)
+    results: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=conn) as session:
+        for i in range(50):  # warm-up
+            await _one(session, url, headers, i, stream)
+        tasks = []
+        start = time.perf_counter()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(session, url, headers, i, stream)))
+        for t in tasks:
+            try:
+                results.append(await t)
+            except Exception:
+                errors += 1
+    if errors:
+        print(f"    ({errors} errors)")
+    return results
+
+
+def _pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000
+
+
+def wrk_max(url: str, headers: dict[str, str], seconds: int) -> float | None:
+    if not shutil.which("wrk"):
+        return None
+    hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    script = f'wrk.method = "POST"\nwrk.body = {orjson.dumps(_body(1, False).decode()).decode()}\n{hdrs}'
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "-s", f.name, url],
+                         capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    return None
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    sim_port, gw_port = _free_port(), _free_port()
+    py = sys.executable
+    procs = [subprocess.Popen(["taskset", "-c", "1", py, "-m", "loadtest.vllm_sim", "--port", str(sim_port)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    tmp = Path(tempfile.mkdtemp())
+    cfg = tmp / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(_config(f"http://127.0.0.1:{sim_port}", args.features, args.redis)))
+    procs.append(subprocess.Popen(
+        ["taskset", "-c", "0", py, "-m", "proxy.cli", "serve", "--config", str(cfg), "--port", str(gw_port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "gw.log", "w")))
+    try:
+        await _wait_http(f"http://127.0.0.1:{sim_port}/health")
+        await _wait_http(f"http://127.0.0.1:{gw_port}/healthz")
+        direct = (f"http://127.0.0.1:{sim_port}/v1/chat/completions", {"content-type": "application/json"})
+        via = (f"http://127.0.0.1:{gw_port}/v1/chat/completions",
+               {"content-type": "application/json", "authorization": f"Bearer {_token()}"})
+        print(f"features={args.features} seconds={args.seconds} (gateway: 1 worker on core 0)")
+        for name, (url, hdrs) in (("direct", direct), ("gateway", via)):
+            rps = wrk_max(url, hdrs, args.seconds)
+            print(f"  max non-stream req/s {name:8s}: {rps if rps is not None else 'n/a (install wrk)'}")
+        for stream in (False, True):
+            for rate in args.rates:
+                d = await open_loop(direct[0], direct[1], rate, args.seconds, stream)
+                g = await open_loop(via[0], via[1], rate, args.seconds, stream)
+                what = "ttft" if stream else "latency"
+                print(f"  {rate:4.0f} req/s {'stream' if stream else 'non-stream':10s} {what}: "
+                      f"direct p50 {_pct(d, 50):.2f} ms p99 {_pct(d, 99):.2f} ms | "
+                      f"gateway p50 {_pct(g, 50):.2f} ms p99 {_pct(g, 99):.2f} ms | "
+                      f"added p50 {_pct(g, 50) - _pct(d, 50):+.2f} ms p99 {_pct(g, 99) - _pct(d, 99):+.2f} ms "
+                      f"(n={len(g)}, mean {statistics.fmean(g) * 1000:.2f} ms)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rates", type=float, nargs="+", default=[200, 500])
+    parser.add_argument("--features", choices=["core", "auth", "full"], default="core")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
