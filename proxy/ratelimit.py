@@ -1,0 +1,360 @@
+"""Per-principal request and token limits, shared by every gateway process through Redis.
+
+Requests: `limits.aio`'s MovingWindowRateLimiter (an exact sliding log, one atomic Lua call), so N
+requests per rolling minute hold across processes with no boundary bursts, and the retry-after
+of a rejected request is exact: the moment the oldest request in the window leaves it.
+
+Tokens: a token bucket (proxy.token_bucket: capacity = tokens_per_minute, refilled continuously),
+one small Lua script on the same redis-py pool. limits has no reserve/refund: its counters take a
+negative cost only by accident, and a refund landing in a later window than its reservation skews
+both windows. The bucket reserves `prompt + max_tokens` at admission, refunds or charges the
+difference at the end (capped at capacity), and knows exactly when enough tokens are back.
+
+limits and the script share one redis-py pool per process (redis-py measured faster than coredis
+under uvloop here). Every Redis step runs under `redis_timeout_s`. A failing request gets the
+configured policy: fail_closed -> 503, fail_open -> per-process local limits under a per-process
+emergency cap. After 3 failures in a row Redis is skipped for a second, then one request probes;
+shared limits resume as soon as a probe succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from proxy.auth import Principal
+from proxy.errors import RateLimited, ServiceUnavailable
+from proxy.settings import LimitSettings
+from proxy.token_bucket import Buckets, LocalBuckets, RedisBuckets
+
+log = logging.getLogger(__name__)
+
+WINDOW_S = 60.0
+_PROBE_INTERVAL_S = 1.0  # how long Redis is skipped once it is considered down
+_FAILURES_TO_TRIP = 3  # consecutive failures that make it so (one slow reply does not)
+_POOL_SIZE = 64
+_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+@dataclass
+class LimiterStats:
+    """Counters for metrics: Redis failures, rejections by kind, admissions while degraded."""
+
+    redis_errors: int = 0
+    settle_errors: int = 0
+    degraded_admits: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: {"requests": 0, "tokens": 0, "emergency": 0})
+
+
+@dataclass(frozen=True, slots=True)
+class _Tier:
+    item: RateLimitItem
+    tokens: int  # bucket capacity
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / WINDOW_S
+
+
+@dataclass(frozen=True, slots=True)
+class _Store:
+    """One place limits are kept: shared (Redis) or local to this process (memory)."""
+
+    window: MovingWindowRateLimiter
+    buckets: Buckets
+    shared: bool
+
+
+class _EmergencyCap:
+    """Per-process sliding log of admissions while Redis is unavailable and the policy fails open."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._times: deque[float] = deque(maxlen=per_minute)
+
+    def take(self, now: float) -> float:
+        """0 when admitted, else the seconds until a slot frees."""
+        times = self._times
+        if len(times) == times.maxlen and now - times[0] < WINDOW_S:
+            return times[0] + WINDOW_S - now
+        times.append(now)
+        return 0.0
+
+
+class Admission:
+    """An admitted request: its rate-limit headers, and the token reservation to settle at the end."""
+
+    __slots__ = ("_settle", "degraded", "headers", "reserved", "settled")
+
+    def __init__(
+        self,
+        headers: dict[str, str],
+        reserved: int,
+        settle: Callable[[int], Awaitable[None]],
+        *,
+        degraded: bool = False,
+    ) -> None:
+        self.headers, self.reserved, self.degraded = headers, reserved, degraded
+        self._settle, self.settled = settle, False
+
+    async def settle(self, used_tokens: int) -> None:
+        """Refund `reserved - used` (or charge the overshoot). Idempotent; never raises for Redis
+        trouble; the refund completes even if the caller is cancelled while awaiting it."""
+        if self.settled:
+            return
+        self.settled = True
+        delta = max(0, used_tokens) - self.reserved
+        if delta:
+            await self._settle(delta)
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's (Go-style) durations: '20ms', '1s', '6m0s', '1h2m3.5s'."""
+    ms = max(0, math.ceil(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest // 1000}.{rest % 1000:03d}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs
+
+
+def _identity(principal: Principal) -> str:
+    """A fixed-shape key part for (tenant, sub): no claim value can change the key's structure."""
+    raw = f"{len(principal.tenant)}:{principal.tenant}|{principal.sub}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _headers(tier: _Tier, req_left: int, req_reset: float, tokens: float) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-requests": str(tier.item.amount),
+        "x-ratelimit-remaining-requests": str(max(0, req_left)),
+        "x-ratelimit-reset-requests": format_duration(req_reset),
+        "x-ratelimit-limit-tokens": str(tier.tokens),
+        "x-ratelimit-remaining-tokens": str(max(0, math.floor(tokens))),
+        "x-ratelimit-reset-tokens": format_duration((tier.tokens - tokens) / tier.rate),
+    }
+
+
+def _rejection(message: str, headers: dict[str, str], wait_s: float) -> RateLimited:
+    headers["retry-after"] = str(max(1, math.ceil(wait_s)))
+    headers["retry-after-ms"] = str(max(1, math.ceil(wait_s * 1000)))
+    return RateLimited(message, headers=headers)
+
+
+class RateLimiter:
+    """Admits requests for a principal under its tier's limits; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: LimitSettings,
+        redis_url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        key_prefix: str = "llmgw:rl",
+    ) -> None:
+        self._settings, self._clock, self._prefix = settings, clock, key_prefix
+        self._tiers = {
+            name: _Tier(RateLimitItemPerMinute(t.requests_per_minute), t.tokens_per_minute)
+            for name, t in settings.tiers.items()
+        }
+        self._memory = MemoryStorage()
+        self._local = _Store(MovingWindowRateLimiter(self._memory), LocalBuckets(), shared=False)
+        self._pool: aioredis.BlockingConnectionPool | None = None
+        self._shared: _Store | None = None
+        if redis_url:
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=_POOL_SIZE,
+                timeout=settings.redis_timeout_s,
+                # no socket_timeout: every call runs under asyncio.timeout(redis_timeout_s) already,
+                # and redis-py would wrap each socket write in a wait_for task (costly on 3.11)
+                socket_connect_timeout=settings.redis_timeout_s,
+                # one immediate retry on a dead connection (stale after a Redis restart); timeouts are
+                # never retried: the policy decides what a slow Redis means
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+            self._redis = aioredis.Redis(connection_pool=self._pool)
+            # limits uses our pool; the URI only names the storage kind
+            pool_option: dict[str, Any] = {"connection_pool": self._pool}
+            storage = RedisStorage(
+                "async+redis://", implementation="redispy", key_prefix=key_prefix, **pool_option
+            )
+            self._shared = _Store(MovingWindowRateLimiter(storage), RedisBuckets(self._redis), shared=True)
+        self._emergency = _EmergencyCap(settings.emergency_requests_per_minute)
+        self._down_until = 0.0
+        self._probing = False
+        self._failures = 0
+        self._pending: set[asyncio.Task[None]] = set()
+        self.stats = LimiterStats()
+
+    async def start(self) -> None:
+        """Warm the pool; an unreachable Redis is not a start-up error (the policy covers it)."""
+        if self._shared is not None and not await self.redis_ok():
+            log.warning(
+                "Redis is unreachable at start-up; rate limiting follows %s", self._settings.on_redis_error
+            )
+
+    async def redis_ok(self) -> bool:
+        """Whether Redis answers within the timeout (for /readyz). True when no Redis is configured."""
+        if self._shared is None:
+            return True
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout_s):
+                await self._redis.ping()
+        except _REDIS_ERRORS:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=1.0)
+        if self._memory.timer is not None:
+            self._memory.timer.cancel()
+        if self._pool is not None:
+            await self._redis.aclose()
+            await self._pool.aclose()
+
+    async def admit(self, principal: Principal, reserve_tokens: int) -> Admission:
+        """Count one request and reserve `reserve_tokens`; raises RateLimited or ServiceUnavailable."""
+        tier = self._tiers.get(principal.tier) or self._tiers["default"]
+        ident, cost = _identity(principal), max(0, reserve_tokens)
+        if cost > tier.tokens:
+            exc = RateLimited(
+                f"Request too large: it may use {cost} tokens (prompt + max_tokens) but the limit is "
+                f"{tier.tokens} tokens per minute. Lower max_tokens or shorten the prompt.",
+            )
+            exc.should_retry = False
+            self.stats.rejected["tokens"] += 1
+            raise exc
+        shared = self._shared
+        if shared is None:
+            return await self._admit(self._local, tier, ident, cost)
+        if self._redis_usable():
+            probe = bool(self._down_until)  # only the one probing request gets here while Redis is down
+            try:
+                async with asyncio.timeout(self._settings.redis_timeout_s):
+                    admission = await self._admit(shared, tier, ident, cost)
+            except RateLimited:
+                self._mark_up()
+                raise
+            except _REDIS_ERRORS as exc:
+                self._mark_down(exc)
+            else:
+                self._mark_up()
+                return admission
+            finally:
+                if probe:  # also when the probe was cancelled (client gone): let the next one probe
+                    self._probing = False
+        return await self._degraded(tier, ident, cost)
+
+    async def _admit(
+        self, store: _Store, tier: _Tier, ident: str, cost: int, *, degraded: bool = False
+    ) -> Admission:
+        key, now = f"{self._prefix}:tok:{ident}", self._clock()
+        if not await store.window.hit(tier.item, ident):
+            window, (_, tokens) = await asyncio.gather(
+                store.window.get_window_stats(tier.item, ident),
+                store.buckets.take(key, tier.tokens, tier.rate, 0, now),
+            )
+            wait = window.reset_time - time.time()  # limits' moving window reads the wall clock itself
+            self.stats.rejected["requests"] += 1
+            raise _rejection(
+                f"Rate limit reached for requests per minute (RPM): Limit {tier.item.amount}. "
+                f"Please try again in {format_duration(wait)}.",
+                _headers(tier, 0, wait, tokens),
+                wait,
+            )
+        window, (ok, tokens) = await asyncio.gather(
+            store.window.get_window_stats(tier.item, ident),
+            store.buckets.take(key, tier.tokens, tier.rate, cost, now),
+        )
+        headers = _headers(tier, window.remaining, window.reset_time - time.time(), tokens)
+        if not ok:
+            wait = (cost - tokens) / tier.rate
+            self.stats.rejected["tokens"] += 1
+            raise _rejection(
+                f"Rate limit reached for tokens per minute (TPM): Limit {tier.tokens}, "
+                f"Requested {cost}. Please try again in {format_duration(wait)}.",
+                headers,
+                wait,
+            )
+        return Admission(
+            headers, cost, lambda delta: self._settle(store, key, tier, delta), degraded=degraded
+        )
+
+    async def _degraded(self, tier: _Tier, ident: str, cost: int) -> Admission:
+        if self._settings.on_redis_error == "fail_closed":
+            raise ServiceUnavailable(
+                "Rate limiting is temporarily unavailable. Please retry shortly.",
+                headers={"retry-after": "1"},
+            )
+        wait = self._emergency.take(self._clock())
+        if wait:
+            self.stats.rejected["emergency"] += 1
+            raise _rejection(
+                "The gateway is running in degraded mode and has reached its emergency request cap. "
+                f"Please try again in {format_duration(wait)}.",
+                {},
+                wait,
+            )
+        self.stats.degraded_admits += 1
+        return await self._admit(self._local, tier, ident, cost, degraded=True)
+
+    async def _settle(self, store: _Store, key: str, tier: _Tier, delta: int) -> None:
+        if not store.shared:
+            await store.buckets.adjust(key, tier.tokens, tier.rate, delta, self._clock())
+            return
+        # A task of our own, so that a cancelled caller (client gone) cannot cut the refund short.
+        task = asyncio.create_task(self._settle_shared(store, key, tier, delta, self._clock()))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+
+    async def _settle_shared(self, store: _Store, key: str, tier: _Tier, delta: int, now: float) -> None:
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout_s):
+                await store.buckets.adjust(key, tier.tokens, tier.rate, delta, now)
+        except _REDIS_ERRORS as exc:
+            self.stats.settle_errors += 1
+            self._mark_down(exc)
+
+    def _redis_usable(self) -> bool:
+        if not self._down_until:
+            return True
+        if self._probing or self._clock() < self._down_until:
+            return False
+        self._probing = True  # this request probes; the others keep to the policy meanwhile
+        return True
+
+    def _mark_up(self) -> None:
+        if self._down_until:
+            log.info("Redis is reachable again; shared rate limits resume")
+        self._down_until, self._probing, self._failures = 0.0, False, 0
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self.stats.redis_errors += 1
+        self._failures += 1
+        if self._failures < _FAILURES_TO_TRIP:
+            return
+        if not self._down_until:
+            policy = self._settings.on_redis_error
+            log.warning("Redis failed (%s); rate limiting follows %s", type(exc).__name__, policy)
+        self._down_until, self._probing = self._clock() + _PROBE_INTERVAL_S, False
