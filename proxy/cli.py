@@ -37,6 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.auth import ensure_secret
+    from proxy.edge import ENV as EDGE_ENV
+    from proxy.edge import GuardedHttpToolsProtocol
     from proxy.observability import configure_logging
 
     path, settings = _load(args.config)
@@ -53,13 +55,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     os.environ["LLM_GATEWAY_CONFIG"] = str(path)
+    os.environ[EDGE_ENV] = f"{server.max_headers},{server.max_header_bytes},{server.header_timeout_s}"
     uvicorn.run(
         "proxy.app:app_from_env",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        http="httptools",
+        http=GuardedHttpToolsProtocol,
         loop="uvloop",
         access_log=False,
         timeout_keep_alive=30,

@@ -208,6 +208,12 @@ BAD = [
     ("stream_options without stream", _msgs(stream_options={"include_usage": True}), 400, None),
     ("max_tokens beyond context", {"model": "local", "messages": [{"role": "user", "content": "hi " * 2100}]},
      400, "messages"),
+    ("duplicate key", b'{"model":"assistant","model":"local","messages":[{"role":"user","content":"x"}]}', 400, None),
+    ("nested duplicate key", b'{"model":"assistant","messages":[{"role":"user","content":"x","content":"y"}]}', 400, None),
+    ("case-variant key", b'{"model":"assistant","Model":"local","messages":[{"role":"user","content":"x"}]}', 400,
+     "Model"),
+    ("case-variant nested key", b'{"model":"assistant","messages":[{"role":"user","Role":"system","content":"x"}]}',
+     400, "messages[0].Role"),
     ("oversized body", {"model": "assistant", "messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, None),
 ]
 
