@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import orjson
 
 from backends.openai_http import OpenAIHTTPBackend, probe_timeout
 
@@ -43,9 +44,25 @@ class VllmBackend(OpenAIHTTPBackend):
     async def health(self) -> bool:
         try:
             async with self._session.get(f"{self._base}/health", timeout=self._probe_timeout) as resp:
-                return resp.status == 200
+                healthy = resp.status == 200
         except (aiohttp.ClientError, ConnectionError, TimeoutError):
             return False
+        if healthy and self.context_length is None:
+            self.context_length = await self._max_model_len()
+        return healthy
+
+    async def _max_model_len(self) -> int | None:
+        """vLLM reports its context in /v1/models; learning it lets the gateway clamp max_tokens
+        (and refuse over-long prompts) before the request leaves."""
+        try:
+            async with self._session.get(f"{self._base}/v1/models", timeout=self._probe_timeout) as resp:
+                data = orjson.loads(await resp.read()) if resp.status == 200 else {}
+        except (aiohttp.ClientError, ConnectionError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        for card in data.get("data") or ():
+            if card.get("id") == self.model and isinstance(card.get("max_model_len"), int):
+                return int(card["max_model_len"])
+        return None
 
     async def load(self) -> float | None:
         try:

@@ -254,3 +254,10 @@ def test_health_and_readiness(gw: GatewayProcess) -> None:
     assert httpx.get(f"{gw.url}/healthz").status_code == 200
     r = httpx.get(f"{gw.url}/readyz")
     assert r.status_code == 200 and r.json()["status"] == "ready"
+
+
+def test_max_tokens_is_clamped_to_the_vllm_context(gw: GatewayProcess, sim: SimulatorThread) -> None:
+    # the gateway learned max_model_len (4096) from the simulator's /v1/models
+    gw.client().chat.completions.create(model="assistant", messages=HI, max_tokens=100_000)
+    forwarded = sim.requests()[-1]["body"]["max_tokens"]
+    assert 4000 < forwarded < 4096
