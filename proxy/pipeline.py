@@ -20,21 +20,36 @@ from starlette.responses import Response
 
 from backends.base import BackendError, ChunkStream, ErrorKind
 from backends.pool import Member, attempt_order
+from policies.stream import ChunkFilter
 from proxy import errors
 from proxy.auth import Authenticator, Principal
-from proxy.cache import CachedAnswer, CacheDecision, CacheScope, ResponseCache, decide
-from proxy.cache import replay_chunks, replay_completion
+from proxy.cache import (
+    CachedAnswer,
+    CacheDecision,
+    CacheScope,
+    ResponseCache,
+    decide,
+    replay_chunks,
+    replay_completion,
+)
 from proxy.guard import PolicyGuard
 from proxy.observability import Observer
-from proxy.protocol import DONE_FRAME, ChatRequest, RequestValidationError, chunk_frame, dumps
-from proxy.protocol import estimate_prompt_tokens, parse_chat_request
+from proxy.protocol import (
+    DONE_FRAME,
+    ChatRequest,
+    RequestValidationError,
+    chunk_frame,
+    dumps,
+    estimate_prompt_tokens,
+    parse_chat_request,
+)
 from proxy.ratelimit import Admission, RateLimiter
 from proxy.routing import Router, apply_variant, sticky_key
 from proxy.settings import Settings, VariantSettings
 from proxy.streaming import SSEResponse, StreamTap, usage_chunk
 
-
 DEFAULT_COMPLETION_RESERVE = 512  # reserved when the client sets no max_tokens; refunded after
+OFF_LOOP_SCAN_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -147,7 +162,10 @@ class Gateway:
         admission = await self.limiter.admit(principal, reserve)
         call.headers.update(admission.headers)
         try:
-            body, action = self.guard.check_input(body)
+            if len(raw) > OFF_LOOP_SCAN_BYTES:  # ~40 ms per MB: keep big scans off the event loop
+                body, action = await asyncio.to_thread(self.guard.check_input, body)
+            else:
+                body, action = self.guard.check_input(body)
         except errors.ContentFiltered:
             call.policy.append("input:block")
             await admission.settle(0)
@@ -184,10 +202,11 @@ class Gateway:
                 for out in filt.feed(chunk) if filt else (chunk,):
                     yield chunk_frame(out)
                 if filt and filt.blocked:
-                    yield self._blocked_end(chunk, call)
+                    yield self._blocked_end(filt, call)
                     return
             yield DONE_FRAME
         finally:
+            self._count_stream_policy(filt, call)
             await prep.admission.settle(0)  # a cache hit costs the backends nothing
             self.observer.finish(call)
 
@@ -268,8 +287,11 @@ class Gateway:
                     yield chunk_frame(out)
                 if filt and filt.blocked:
                     tap.blocked = True
-                    yield self._blocked_end(chunk, call)
+                    yield self._blocked_end(filt, call)
                     return
+            for out in filt.flush_chunks() if filt else ():  # upstream ended without finish_reason
+                tap.chunks.append(out)
+                yield chunk_frame(out)
             if include_usage:
                 yield chunk_frame(usage_chunk(first, self._final_usage(tap, call)))
             tap.complete = bool(tap.finish_reasons)
@@ -285,6 +307,7 @@ class Gateway:
         finally:
             await upstream.aclose()
             member.outstanding -= 1
+            self._count_stream_policy(filt, call)
             self._end_stream(tap, prep, call)
 
     def _end_stream(self, tap: StreamTap, prep: Prepared, call: Call) -> None:
@@ -356,15 +379,16 @@ class Gateway:
             call.policy.append(f"output:{action}")
         return filtered
 
-    def _blocked_end(self, chunk: dict[str, Any], call: Call) -> bytes:
-        call.policy.append("output:block")
-        end = {
-            **chunk,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter", "logprobs": None}],
-        }
-        end.pop("usage", None)
-        err = errors.ContentFiltered("The generated text was stopped by the output content policy.")
-        return chunk_frame(end) + err.sse_frame()
+    def _blocked_end(self, filt: ChunkFilter, call: Call) -> bytes:
+        """After a block mid-stream: a chunk ending every choice with content_filter, then an
+        error frame (the SDK raises), and no [DONE]. The caller's return closes the upstream."""
+        frames = b"".join(chunk_frame(c) for c in filt.finish_chunks())
+        return frames + self.guard.stream_block_error().sse_frame()
+
+    def _count_stream_policy(self, filt: ChunkFilter | None, call: Call) -> None:
+        if filt is not None and filt.hits:
+            call.policy.append(f"output:{filt.action}")
+            self.guard.stream_finished(filt)
 
     def _final_usage(self, tap: StreamTap, call: Call) -> dict[str, Any]:
         if tap.usage:

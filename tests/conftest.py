@@ -55,6 +55,7 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"gateway-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[Any] = []  # kept open until stop(), so no socket is left to the GC
 
     def start(self, timeout: float = 90) -> GatewayProcess:
         cfg = {**self.config, "server": {**self.config.get("server", {}), "state_dir": str(self.workdir / "state")}}
@@ -80,6 +81,9 @@ class GatewayProcess:
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
     def stop(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -105,7 +109,9 @@ class GatewayProcess:
     def client(self, sub: str = "alice", **kw: Any) -> Any:
         import openai
 
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.token(sub), max_retries=0, **kw)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.token(sub), max_retries=0, **kw)
+        self._clients.append(client)
+        return client
 
     def headers(self, sub: str = "alice") -> dict[str, str]:
         return {"authorization": f"Bearer {self.token(sub)}"}

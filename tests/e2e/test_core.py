@@ -159,7 +159,8 @@ def test_upstream_4xx_is_not_retried(gw: GatewayProcess, sim: SimulatorThread) -
 
 # -- after the first byte --------------------------------------------------------------------------
 def test_mid_stream_drop_raises_in_the_sdk(gw: GatewayProcess, sim: SimulatorThread) -> None:
-    sim.configure(fault="drop", drop_after_chunks=3)
+    # spaced chunks: the first reaches the client before the drop (a burst would be failed over)
+    sim.configure(fault="drop", drop_after_chunks=3, itl_ms=30)
     stream = gw.client().chat.completions.create(model="assistant", messages=HI, stream=True)
     got = []
     with pytest.raises(openai.APIError):

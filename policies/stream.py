@@ -1,0 +1,223 @@
+"""The streaming form of the word matcher: a scanner with a bounded hold-back, and a filter for
+OpenAI `chat.completion.chunk` dicts built on it.
+
+`StreamScanner.feed` returns at once every character that no continuation can turn into (or out
+of) a hit; it holds back only the longest tail whose compact form is a prefix of a listed (or
+allowed) entry and whose gaps are still within the limit. In normalized characters:
+
+    held <= matcher.hold_bound = longest_entry * (gap_limit + 1)
+
+(characters that normalize to nothing, such as zero-width ones, come on top: they carry no text).
+The result is the same as masking the whole text at once, whatever the chunk boundaries, except
+where more than `CONTEXT` characters that normalize to nothing precede a word (then the scanner
+may mask where the one-shot matcher would not, never the reverse).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from policies.words import Match, Matcher, mask_spans
+
+Action = Literal["block", "mask", "flag"]
+_TEXT_FIELDS = ("content", "reasoning_content", "refusal")
+_TOOL = "tool"
+Key = tuple[int, str, int]  # (choice index, field, tool-call index or -1)
+
+
+class StreamScanner:
+    """One text stream. `blocked` turns True at the first hit when built with `block=True`."""
+
+    CONTEXT = 8  # emitted characters kept as left context (word boundaries, lone-letter gaps)
+
+    def __init__(self, matcher: Matcher, *, block: bool = False) -> None:
+        self._matcher = matcher
+        self._block = block
+        self._ctx = ""
+        self._buf = ""
+        self._pending = 0  # leading characters of _buf that belong to a hit already decided
+        self._started = False
+        self.blocked = False
+        self.hits = 0
+
+    @property
+    def held(self) -> int:
+        """Characters received but not yet returned."""
+        return len(self._buf)
+
+    def feed(self, text: str) -> str:
+        """Add streamed text; return the text that is safe to send now (masked)."""
+        if self.blocked or not text:
+            return ""
+        self._buf += text
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """End of the stream: return everything still held, masked."""
+        if self.blocked or not self._buf:
+            return ""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        work, c = self._ctx + self._buf, len(self._ctx)
+        scan = self._matcher.scan(work, final=final, at_start=not self._started, emitted=c)
+        cut = max(scan.tail, c)
+        decided = [m for m in scan.matches if m.start < cut and m.end > c]
+        self.hits += sum(m.start >= c for m in decided)
+        if decided and self._block:
+            self.blocked = True
+            safe = work[c : max(c, min(m.start for m in decided))]
+            self._buf = ""
+            return safe
+        spans = [*decided, Match(c, c + self._pending, -1)] if self._pending else decided
+        out = mask_spans(work, spans)[c:cut]
+        self._pending = max([m.end - cut for m in decided if m.end > cut], default=0)
+        self._ctx = work[max(0, cut - self.CONTEXT) : cut]
+        self._buf = work[cut:]
+        self._started = self._started or cut > c
+        return out
+
+
+class ChunkFilter:
+    """Filters the choices of OpenAI stream chunks: per choice and per field (content,
+    reasoning_content, refusal, each tool call's arguments). `feed` returns the chunks to send
+    now. A choice whose text is all held is dropped from a chunk unless it carries something else
+    (role, finish_reason, a tool call's id or name); a chunk left with no choice is not sent.
+    Held text is flushed into the chunk that carries the choice's `finish_reason`, and a field's
+    held text is flushed when the choice moves on to another field. Usage chunks (`choices: []`)
+    pass untouched. With "mask" and "block", `logprobs` are dropped (they would repeat masked
+    tokens). With "block", `blocked` turns True at the first hit: `feed` returned the safe
+    prefix, and the caller ends the stream (`finish_chunks()`, then an error frame)."""
+
+    def __init__(self, matcher: Matcher, action: Action) -> None:
+        self._matcher = matcher
+        self.action = action
+        self._scanners: dict[Key, StreamScanner] = {}
+        self._active: dict[int, Key] = {}
+        self._template: dict[str, Any] = {}
+        self.blocked = False
+
+    @property
+    def hits(self) -> int:
+        return sum(s.hits for s in self._scanners.values())
+
+    @property
+    def held(self) -> int:
+        return sum(s.held for s in self._scanners.values())
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        choices = chunk.get("choices")
+        if self.blocked:
+            return []
+        if not isinstance(choices, list) or not choices:
+            return [chunk]
+        self._template = {k: v for k, v in chunk.items() if k in ("id", "object", "created", "model")}
+        if self.action == "flag":
+            for choice in choices:
+                self._choice(choice)
+            return [chunk]
+        kept = [c for c in (self._choice(choice) for choice in choices) if c is not None]
+        return [{**chunk, "choices": kept}] if kept or chunk.get("usage") else []
+
+    def finish_chunks(self) -> list[dict[str, Any]]:
+        """After a block: one chunk ending every choice with finish_reason "content_filter"."""
+        indexes = sorted({key[0] for key in self._scanners} or {0})
+        end = [_choice_end(i, {}, "content_filter") for i in indexes]
+        return [{**self._template, "object": "chat.completion.chunk", "choices": end}]
+
+    def flush_chunks(self) -> list[dict[str, Any]]:
+        """The upstream ended without a finish_reason: everything still held, masked."""
+        if self.blocked:
+            return []
+        deltas: dict[int, dict[str, Any]] = {}
+        for key in list(self._scanners):
+            _put(deltas.setdefault(key[0], {}), key, self._flush(key))
+        choices = [_choice_end(i, d, None) for i, d in deltas.items()]
+        return [{**self._template, "choices": choices}] if any(deltas.values()) else []
+
+    def _scanner(self, key: Key) -> StreamScanner:
+        scanner = self._scanners.get(key)
+        if scanner is None:
+            scanner = self._scanners[key] = StreamScanner(self._matcher, block=self.action == "block")
+        return scanner
+
+    def _feed(self, key: Key, text: str, delta: dict[str, Any]) -> str:
+        active = self._active.get(key[0])
+        if active is not None and active != key:
+            _put(delta, active, self._flush(active))
+        self._active[key[0]] = key
+        scanner = self._scanner(key)
+        out = scanner.feed(text)
+        self.blocked = self.blocked or scanner.blocked
+        return out
+
+    def _flush(self, key: Key) -> str:
+        scanner = self._scanners[key]
+        out = scanner.flush()
+        self.blocked = self.blocked or scanner.blocked
+        return out
+
+    def _choice(self, choice: dict[str, Any]) -> dict[str, Any] | None:
+        index = choice.get("index", 0)
+        delta = choice.get("delta") or {}
+        new = {k: v for k, v in delta.items() if k not in _TEXT_FIELDS and k != "tool_calls"}
+        carries = bool(choice.get("finish_reason")) or any(v is not None for v in new.values())
+        for field in _TEXT_FIELDS:
+            text = delta.get(field)
+            if text is not None and not self.blocked:
+                out = self._feed((index, field, -1), text, new) if text else ""
+                new[field] = (new.get(field) or "") + out
+                carries = carries or bool(new[field]) or text == ""
+        carries = self._tool_calls(index, delta.get("tool_calls"), new) or carries
+        if choice.get("finish_reason") and not self.blocked:
+            for key in [k for k in self._scanners if k[0] == index]:
+                _put(new, key, self._flush(key))
+            self._active.pop(index, None)
+        if not carries and not _has_text(new):
+            return None
+        result: dict[str, Any] = {**choice, "delta": new}
+        if self.action != "flag" and "logprobs" in result:
+            result["logprobs"] = None
+        return result
+
+    def _tool_calls(self, index: int, calls: Any, new: dict[str, Any]) -> bool:
+        """Filter tool-call deltas into `new`; True when one carries an id, a name or text."""
+        if not isinstance(calls, list):
+            return False
+        carries = False
+        for call in calls:
+            fn = dict(call.get("function") or {})
+            args = fn.get("arguments")
+            if isinstance(args, str) and args and not self.blocked:
+                fn["arguments"] = self._feed((index, _TOOL, call.get("index", 0)), args, new)
+            entry = {**call, "function": fn} if "function" in call else dict(call)
+            informative = any(k not in ("index", "function") for k in call) or "name" in fn
+            if informative or fn.get("arguments"):
+                new.setdefault("tool_calls", []).append(entry)
+                carries = True
+        return carries
+
+
+def _put(delta: dict[str, Any], key: Key, text: str) -> None:
+    """Append flushed text for `key` to a delta being built."""
+    if not text:
+        return
+    _, field, tool = key
+    if field != _TOOL:
+        delta[field] = (delta.get(field) or "") + text
+        return
+    calls = delta.setdefault("tool_calls", [])
+    for call in calls:
+        if call.get("index", 0) == tool:
+            fn = call.setdefault("function", {})
+            fn["arguments"] = (fn.get("arguments") or "") + text
+            return
+    calls.append({"index": tool, "function": {"arguments": text}})
+
+
+def _choice_end(index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _has_text(delta: dict[str, Any]) -> bool:
+    return any(delta.get(f) for f in _TEXT_FIELDS) or bool(delta.get("tool_calls"))
