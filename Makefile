@@ -10,7 +10,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[semantic,test,load,dev]'
+	$(BIN)/pip install -q -e '.[semantic,test,load,dev,litellm]'
 	touch $@
 
 install: $(VENV)/.installed
