@@ -50,6 +50,7 @@ def test_hosted_provider_through_litellm(gw: GatewayProcess, sim: SimulatorThrea
 
 
 def test_litellm_failure_falls_over(gw: GatewayProcess, sim: SimulatorThread) -> None:
+    sim.reset()
     sim.configure(fault="status", fault_status=503)
     try:
         with pytest.raises(openai.InternalServerError) as info:  # both backends are this simulator
