@@ -1,0 +1,343 @@
+"""Response cache: exact layer, then semantic layer, per tenant; what may be cached; faithful replay.
+
+Exact layer: a digest of everything in the request that can change the answer (tenant scope, model,
+variant, all messages, every sampling parameter, response_format, tools, n, ...). Semantic layer,
+tried only after an exact miss: the last user turn is embedded ("query: " prefix) and the nearest
+stored turns are searched among entries whose partition digest matches exactly (tenant scope, model,
+variant, digest of all earlier messages including the system prompt, answer-affecting parameters,
+embedder). A candidate is served only if its similarity reaches `cache.semantic.threshold` *and* it
+agrees with the query on numbers, dates, negation, product-like tokens and word substitutions
+(proxy.cache_verify). Two chats that both end in "继续" differ in their context digest, never collide.
+
+Request header `x-gateway-cache`: `no-cache` (do not read, still store the fresh answer), `no-store`
+(neither read nor store), `bypass` (same as no-store). Redis errors or slowness (bounded by
+`cache.redis_timeout_s`), and embedder errors, make the cache step a bypass; they never reach the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+
+from proxy.cache_replay import (
+    CachedAnswer,
+    chunks_to_completion,
+    completion_to_chunks,
+    decode,
+    encode,
+    is_complete,
+    replay_chunks,
+    replay_completion,
+)
+from proxy.cache_store import MemoryStore, RedisStore, SemanticEntry, Store
+from proxy.cache_verify import disagreement
+from proxy.embedding import Embedder, EmbeddingError
+from proxy.protocol import ChatRequest
+from proxy.settings import CacheSettings, ModelSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CacheDecision",
+    "CacheResult",
+    "CacheScope",
+    "CacheStats",
+    "CachedAnswer",
+    "ResponseCache",
+    "chunks_to_completion",
+    "completion_to_chunks",
+    "decide",
+    "exact_key",
+    "replay_chunks",
+    "replay_completion",
+    "semantic_part",
+    "user_turn",
+]
+
+HEADER = "x-gateway-cache"
+SEMANTIC_MAX_CHARS = 1000  # longer user turns (pasted documents) are matched exactly only
+CANDIDATES = 3  # nearest neighbours checked by the verification step
+BREAKER_FAILURES, BREAKER_PAUSE_S = 3, 1.0  # a dead Redis costs one timeout per second, not per request
+Status = Literal["hit", "semantic-hit", "miss", "bypass"]
+
+
+@dataclass
+class CacheDecision:
+    read: bool
+    write: bool
+    reason: str | None  # why not (both) - for logs and the x-gateway-cache: bypass header
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    tenant: str | None  # None: the model is configured with shared_cache
+    model: str  # the public model name
+    variant: str
+
+
+@dataclass
+class CacheResult:
+    answer: CachedAnswer | None
+    status: Status
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    semantic_hits: int = 0
+    misses: int = 0
+    bypass_errors: int = 0  # Redis / index unreachable or slow: the cache was skipped
+    embed_errors: int = 0  # embedder failed or slow: the semantic layer was skipped for one request
+    rejected_candidates: int = 0  # semantic candidates refused by verification
+    stores: int = 0
+    store_skipped: int = 0  # incomplete or failed answers
+    store_errors: int = 0
+
+
+def _uncacheable(req: ChatRequest, model: ModelSettings, settings: CacheSettings) -> str | None:
+    if req.tools or req.tool_choice is not None:
+        return "tools"
+    if any(m.role == "tool" or m.tool_calls for m in req.messages):
+        return "tool-messages"
+    if (req.n or 1) > 1:
+        return "n>1"
+    if req.logprobs:
+        return "logprobs"
+    sampled = (req.temperature if req.temperature is not None else _default_temperature(model)) > 0
+    if sampled and not (settings.cache_sampled or model.cache_sampled):
+        return "temperature>0"
+    return None
+
+
+def _default_temperature(model: ModelSettings) -> float:
+    """Unset temperature means the backend's default, which samples, unless every variant pins it."""
+    temps = [v.defaults.temperature for v in model.variants]
+    return max(t if t is not None else 1.0 for t in temps)
+
+
+def decide(
+    req: ChatRequest, headers: Mapping[str, str], model: ModelSettings, settings: CacheSettings
+) -> CacheDecision:
+    """Whether this request may read and/or write the cache. Pure."""
+    if not settings.enabled:
+        return CacheDecision(False, False, "disabled")
+    directive = headers.get(HEADER, "").strip().lower()
+    if directive in ("no-store", "bypass"):
+        return CacheDecision(False, False, f"header:{directive}")
+    reason = _uncacheable(req, model, settings)
+    if reason is not None:
+        return CacheDecision(False, False, reason)
+    if directive == "no-cache":
+        return CacheDecision(False, True, "header:no-cache")
+    return CacheDecision(True, True, None)
+
+
+# ---- keys -------------------------------------------------------------------------------------
+
+_NOT_ANSWER = {"model", "messages", "stream", "stream_options"}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:40]
+
+
+def answer_params(req: ChatRequest) -> dict[str, Any]:
+    """Every allow-listed field that can change the answer (streaming does not)."""
+    params = {k: v for k, v in req.upstream_body().items() if k not in _NOT_ANSWER}
+    if params.get("n") == 1:
+        del params["n"]
+    return params
+
+
+def _scope_key(scope: CacheScope) -> list[str]:
+    return ["shared" if scope.tenant is None else f"tenant:{scope.tenant}", scope.model, scope.variant]
+
+
+def _messages(req: ChatRequest) -> list[dict[str, Any]]:
+    return [m.model_dump(exclude_none=True) for m in req.messages]
+
+
+def exact_key(scope: CacheScope, req: ChatRequest) -> str:
+    return _digest(
+        {"v": 1, "scope": _scope_key(scope), "messages": _messages(req), "params": answer_params(req)}
+    )
+
+
+def user_turn(req: ChatRequest) -> str | None:
+    """The last message's text when it is a user turn of plain text (else: exact layer only)."""
+    last = req.messages[-1]
+    if last.role != "user":
+        return None
+    if isinstance(last.content, str):
+        text = last.content
+    elif last.content and all(p.type == "text" for p in last.content):
+        text = "\n".join(p.text for p in last.content if p.type == "text")
+    else:
+        return None
+    text = text.strip()
+    return text if 0 < len(text) <= SEMANTIC_MAX_CHARS else None
+
+
+def semantic_part(scope: CacheScope, req: ChatRequest, embedder_name: str) -> str:
+    """Exact filter for the vector search: same scope, context, parameters and vector space."""
+    context = _digest(_messages(req)[:-1])
+    return _digest(
+        {
+            "v": 1,
+            "scope": _scope_key(scope),
+            "ctx": context,
+            "params": answer_params(req),
+            "emb": embedder_name,
+        }
+    )
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+
+
+class ResponseCache:
+    """Exact + semantic cache. The caller owns `embedder`: start it before start(), close it after close()."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        redis_url: str,
+        embedder: Embedder | None,
+        *,
+        prefix: str = "llmgw:cache",
+        embed_timeout_s: float = 1.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings, self.stats = settings, CacheStats()
+        self._semantic = settings.semantic.enabled
+        self._embedder, self._embed_timeout_s = embedder, embed_timeout_s
+        self._timeout_s = settings.redis_timeout_s
+        self._store: Store = (
+            RedisStore(redis_url, prefix=prefix, timeout_s=settings.redis_timeout_s)
+            if redis_url
+            else MemoryStore(max_entries=max_entries, clock=clock)
+        )
+        self._pending_vectors: dict[str, np.ndarray] = {}  # lookup's embedding, reused by store()
+        self._clock, self._failures, self._resume_at = clock, 0, 0.0
+
+    async def start(self) -> None:
+        if self._semantic and (self._embedder is None or not self._embedder.dim):
+            raise RuntimeError("cache.semantic is enabled but no started embedder was given")
+        await self._store.start(self._embedder.dim if self._semantic and self._embedder else None)
+
+    async def close(self) -> None:
+        await self._store.close()
+
+    async def lookup(self, scope: CacheScope, req: ChatRequest) -> CachedAnswer | None:
+        return (await self.fetch(scope, req)).answer
+
+    async def fetch(self, scope: CacheScope, req: ChatRequest) -> CacheResult:
+        """Like lookup(), with the status for the x-gateway-cache header. Never raises."""
+        if self._clock() < self._resume_at:
+            self.stats.bypass_errors += 1
+            return CacheResult(None, "bypass")
+        try:
+            result = await self._fetch(scope, req)
+        except Exception as exc:  # Redis, index, embedder: the cache steps aside, the request goes on
+            self._failed(exc, "lookup")
+            return CacheResult(None, "bypass")
+        self._failures = 0
+        return result
+
+    async def _fetch(self, scope: CacheScope, req: ChatRequest) -> CacheResult:
+        key = exact_key(scope, req)
+        async with asyncio.timeout(self._timeout_s):
+            raw = await self._store.get(key)
+        if raw is not None:
+            self.stats.hits += 1
+            return CacheResult(decode(raw, "hit"), "hit")
+        text = user_turn(req) if self._semantic and self._embedder else None
+        if text is None or self._embedder is None:
+            self.stats.misses += 1
+            return CacheResult(None, "miss")
+        vector = await self._embed(text)
+        if vector is None:
+            self.stats.misses += 1
+            return CacheResult(None, "miss")
+        self._remember(key, vector)
+        part = semantic_part(scope, req, self._embedder.name)
+        async with asyncio.timeout(self._timeout_s):
+            candidates = await self._store.nearest(part, vector, CANDIDATES)
+        for cand in candidates:
+            if cand.similarity < self.settings.semantic.threshold:
+                break
+            why = disagreement(text, cand.text)
+            if why is None:
+                self.stats.semantic_hits += 1
+                return CacheResult(decode(cand.answer, "semantic-hit"), "semantic-hit")
+            self.stats.rejected_candidates += 1
+            log.debug("semantic candidate refused (%s, %.3f)", why, cand.similarity)
+        self.stats.misses += 1
+        return CacheResult(None, "miss")
+
+    async def store(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer) -> None:
+        """Store a complete answer (with usage). Never raises; anything else is skipped."""
+        if self._clock() < self._resume_at:
+            self.stats.store_errors += 1
+            return
+        try:
+            await self._put(scope, req, answer)
+        except Exception as exc:
+            self._failed(exc, "store")
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        """Count the failure; after BREAKER_FAILURES in a row, skip the cache for BREAKER_PAUSE_S."""
+        if what == "store":
+            self.stats.store_errors += 1
+        else:
+            self.stats.bypass_errors += 1
+        self._failures += 1
+        if self._failures >= BREAKER_FAILURES:
+            self._resume_at = self._clock() + BREAKER_PAUSE_S
+            self._failures = 0
+        log.warning("cache %s bypassed: %r", what, exc)
+
+    async def _put(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer) -> None:
+        key = exact_key(scope, req)
+        vector = self._pending_vectors.pop(key, None)
+        payload = encode(answer)
+        if not is_complete(answer) or orjson.loads(payload)["usage"] is None:
+            self.stats.store_skipped += 1
+            return
+        semantic = None
+        text = user_turn(req) if self._semantic and self._embedder else None
+        if text is not None and self._embedder is not None:
+            vector = vector if vector is not None else await self._embed(text)
+            if vector is not None:  # without one, the answer is still stored for the exact layer
+                semantic = SemanticEntry(semantic_part(scope, req, self._embedder.name), vector, text)
+        async with asyncio.timeout(self._timeout_s):
+            await self._store.put(key, payload, self.settings.ttl_s, semantic)
+        self.stats.stores += 1
+        self._failures = 0
+
+    async def _embed(self, text: str) -> np.ndarray | None:
+        """The query vector, or None when the embedder fails or is slow (semantic layer skipped)."""
+        assert self._embedder is not None
+        try:
+            async with asyncio.timeout(self._embed_timeout_s):
+                vectors = await self._embedder.embed_queries([text])
+        except (EmbeddingError, TimeoutError) as exc:
+            self.stats.embed_errors += 1
+            log.warning("cache: embedding skipped: %r", exc)
+            return None
+        vector: np.ndarray = vectors[0]
+        return vector
+
+    def _remember(self, key: str, vector: np.ndarray) -> None:
+        self._pending_vectors[key] = vector
+        while len(self._pending_vectors) > 1024:  # bounded: misses that never store are forgotten
+            del self._pending_vectors[next(iter(self._pending_vectors))]

@@ -1,0 +1,93 @@
+"""proxy.cache_verify: semantic candidates must agree on the hard features. Pure, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.cache_verify import disagreement, features
+
+SAME = [
+    ("How do I reset my password?", "What's the way to reset my password?"),
+    ("How many teaspoons are in two tablespoons?", "2 tablespoons equal how many teaspoons?"),
+    ("Flights from Boston to Chicago next Monday", "Next Monday flights from Boston to Chicago"),
+    (
+        "What should I pack for a week-long beach trip?",
+        "What do I need to bring for a one-week beach vacation?",
+    ),
+    ("Why is the sky blue?", "What makes the sky look blue?"),
+    ("怎么重置我的密码？", "我的密码要如何重置？"),
+    ("3公斤等于多少磅？", "三公斤是几磅？"),
+    ("TCP和UDP有什么区别？", "TCP和UDP有哪些区别？"),
+    ("删除的文件有没有办法恢复？", "删除的文件能恢复吗？"),  # 有没有 is a question, not a negation
+    ("明天上海会下雨吗？", "上海明天下雨吗？"),
+    ("北京到上海的高铁要坐多久？", "从北京坐高铁去上海需要几个小时？"),
+    ("继续", "继续"),
+]
+
+DIFFERENT = [
+    ("What is 2+3?", "What is 2+4?", "number"),
+    ("What is 12 divided by 4?", "What is 4 divided by 12?", "number"),
+    ("2加3等于多少？", "2乘3等于多少？", "substitution"),
+    ("一百公斤等于多少磅？", "一千公斤等于多少磅？", "number"),
+    ("热力学第一定律是什么？", "热力学第二定律是什么？", "number"),
+    ("What foods are safe for cats?", "What foods are not safe for cats?", "negation"),
+    ("Plants that need direct sunlight", "Plants that don't need direct sunlight", "negation"),
+    ("孕妇可以吃哪些水果？", "孕妇不可以吃哪些水果？", "negation"),
+    ("含麸质的食物有哪些？", "无麸质的食物有哪些？", "negation"),
+    ("What's the weather in London today?", "What's the weather in London tomorrow?", "date"),
+    ("下周一去东京的机票", "下周五去东京的机票", "date"),
+    ("这周末上海有什么活动？", "下周末上海有什么活动？", "date"),
+    ("早上八点的航班", "晚上八点的航班", "date"),
+    ("iPhone 15 battery life", "iPhone 14 battery life", "number"),
+    ("How do I reset my AirPods Pro?", "How do I reset my AirPods Max?", "hard-token"),
+    ("Best stocks to buy now", "Best stocks to sell now", "polarity"),
+    ("怎么把文件上传到百度网盘？", "怎么从百度网盘下载文件？", "polarity"),
+    ("How do I turn on Bluetooth on my laptop?", "How do I turn off Bluetooth on my laptop?", "polarity"),
+    ("how to ship a package from canada to mexico", "how to ship a package from mexico to canada", "swap"),
+    ("北京到上海的高铁票", "上海到北京的高铁要坐多久？", "swap"),
+    ("What is the boiling point of ethanol?", "What is the boiling point of methanol?", "substitution"),
+    ("微信怎么转账？", "支付宝怎么转账？", "substitution"),
+    ("低血糖有哪些症状？", "糖尿病有哪些症状？", "substitution"),
+    ("明天北京天气怎么样？", "明天上海会下雨吗？", "disjoint"),
+    ("TCP与UDP的不同之处是什么？", "What is the difference between TCP and UDP?", "language"),
+]
+
+
+@pytest.mark.parametrize(("query", "candidate"), SAME)
+def test_same_meaning_passes(query: str, candidate: str) -> None:
+    assert disagreement(query, candidate) is None
+
+
+@pytest.mark.parametrize(("query", "candidate", "why"), DIFFERENT)
+def test_look_alikes_are_refused(query: str, candidate: str, why: str) -> None:
+    assert disagreement(query, candidate) == why
+    assert disagreement(candidate, query) is not None  # symmetric enough: refused either way
+
+
+@pytest.mark.parametrize(
+    ("text", "numbers", "dates", "negations"),
+    [
+        ("What is 1,000 + 2.50?", ("1000", "op:+", "2.5"), (), 0),
+        ("第二次世界大战", ("2",), (), 0),
+        ("两千五百块", ("2500",), (), 0),
+        ("一个问题", (), (), 0),
+        ("一月一号", ("1", "1"), (), 0),
+        ("十分钟", ("10",), (), 0),
+        ("非常好，不错", (), (), 0),
+        ("我不去，也没钱", (), (), 2),
+        ("Is it not true that nobody came?", (), (), 2),
+        ("I can't and won't", (), (), 2),
+        ("next Monday morning", (), ("w:+1", "wd:1", "t:morning"), 0),
+        ("May I ask about March?", (), ("m:3",), 0),
+        ("星期天", (), ("wd:7",), 0),
+    ],
+)
+def test_features(text: str, numbers: tuple[str, ...], dates: tuple[str, ...], negations: int) -> None:
+    f = features(text)
+    assert (f.numbers, f.dates, f.negations) == (numbers, dates, negations)
+
+
+def test_product_like_tokens() -> None:
+    assert features("Is the GPT-4 API faster than Claude?").hard == ("gpt-4", "api", "claude")
+    assert features("Python怎么读文件").hard == ("python",)
+    assert features("How do I cook rice?").hard == ()
