@@ -83,14 +83,15 @@ async def _wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def _body(i: int, stream: bool) -> bytes:
-    return orjson.dumps({"model": "assistant", "messages": [{"role": "user", "content": f"Question number {i}?"}],
+def _body(i: int, stream: bool, model: str = "assistant") -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": f"Question number {i}?"}],
                          "max_tokens": 16, "stream": stream})
 
 
 async def _one(session: aiohttp.ClientSession, url: str, headers: dict[str, str], i: int, stream: bool) -> float:
     start = time.perf_counter()
-    async with session.post(url, data=_body(i, stream), headers=headers) as r:
+    model = headers.get("x-bench-model", "assistant")
+    async with session.post(url, data=_body(i, stream, model), headers=headers) as r:
         if r.status != 200:
             raise RuntimeError(f"status {r.status}: {(await r.read())[:200]!r}")
         if stream:
@@ -139,7 +140,8 @@ def wrk_max(url: str, headers: dict[str, str], seconds: int) -> float | None:
     if not shutil.which("wrk"):
         return None
     hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
-    script = f'wrk.method = "POST"\nwrk.body = {orjson.dumps(_body(1, False).decode()).decode()}\n{hdrs}'
+    body = _body(1, False, headers.get("x-bench-model", "assistant")).decode()
+    script = f'wrk.method = "POST"\nwrk.body = {orjson.dumps(body).decode()}\n{hdrs}'
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "-s", f.name, url],
@@ -165,7 +167,8 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         await _wait_http(f"http://127.0.0.1:{sim_port}/health")
         await _wait_http(f"http://127.0.0.1:{gw_port}/healthz")
-        direct = (f"http://127.0.0.1:{sim_port}/v1/chat/completions", {"content-type": "application/json"})
+        direct = (f"http://127.0.0.1:{sim_port}/v1/chat/completions",
+                  {"content-type": "application/json", "x-bench-model": "sim-model"})
         via = (f"http://127.0.0.1:{gw_port}/v1/chat/completions",
                {"content-type": "application/json", "authorization": f"Bearer {_token()}"})
         print(f"features={args.features} seconds={args.seconds} (gateway: 1 worker on core 0)")

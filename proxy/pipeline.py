@@ -74,6 +74,7 @@ class Call:
     completion_tokens: int = 0
     disconnected: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    completion_id: str | None = None  # the id the client saw; feedback maps it back to the variant
 
 
 @dataclass(slots=True)
@@ -124,9 +125,13 @@ class Gateway:
         )
         prep = await self._prepare(request, raw, call)
         try:
-            if prep.decision.read and (hit := await self.cache.lookup(prep.scope, prep.req)):
-                return self._serve_hit(hit, prep, call)
-            call.cache = "miss" if prep.decision.read else "bypass"
+            if prep.decision.read:
+                found = await self.cache.fetch(prep.scope, prep.req)  # never raises: bypass on failure
+                if found.answer is not None:
+                    return self._serve_hit(found.answer, prep, call)
+                call.cache = found.status
+            else:
+                call.cache = "bypass"
             if prep.req.stream:
                 return await self._stream(prep, call)
             return await self._complete(prep, call)
@@ -183,6 +188,7 @@ class Gateway:
     def _serve_hit(self, hit: CachedAnswer, prep: Prepared, call: Call) -> Response:
         call.cache = hit.layer
         call.backend = "cache"
+        call.completion_id = call.request_id  # replays carry the request id as their completion id
         common = {"request_id": call.request_id, "created": int(time.time()), "model": prep.req.model}
         self._set_route_headers(call)
         if prep.req.stream:
@@ -234,6 +240,7 @@ class Gateway:
         self, completion: dict[str, Any], member: Member, prep: Prepared, call: Call
     ) -> Response:
         call.backend = member.name
+        call.completion_id = completion.get("id")
         self._set_route_headers(call)
         completion["model"] = prep.req.model
         usage = completion.get("usage") or {}
@@ -265,6 +272,7 @@ class Gateway:
             member.breaker.success()
             call.backend = member.name
             call.ttft_s = time.monotonic() - call.started
+            call.completion_id = first.get("id")
             self._set_route_headers(call)
             return SSEResponse(self._relay(upstream, first, member, prep, call), call.headers)
         raise self._exhausted(last_error)

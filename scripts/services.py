@@ -45,7 +45,7 @@ def main() -> None:
     if not _up(6390):
         from tests.redis8 import start_redis8
 
-        start_redis8(6390, daemon=True)
+        start_redis8(6390, detach=True)
     _wait(6390, "redis 8 + search")
 
 

