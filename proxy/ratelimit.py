@@ -11,7 +11,8 @@ both windows. The bucket reserves `prompt + max_tokens` at admission, refunds or
 difference at the end (capped at capacity), and knows exactly when enough tokens are back.
 
 limits and the script share one redis-py pool per process (redis-py measured faster than coredis
-under uvloop here). Every Redis step runs under `redis_timeout_s`. A failing request gets the
+under uvloop here). Every Redis socket operation runs under `redis_timeout_s` (waiting for a pooled
+connection has its own longer bound: that is local load, not Redis). A failing request gets the
 configured policy: fail_closed -> 503, fail_open -> per-process local limits under a per-process
 emergency cap. After 3 failures in a row Redis is skipped for a second, then one request probes;
 shared limits resume as soon as a probe succeeds.
@@ -49,6 +50,10 @@ WINDOW_S = 60.0
 _PROBE_INTERVAL_S = 1.0  # how long Redis is skipped once it is considered down
 _FAILURES_TO_TRIP = 3  # consecutive failures that make it so (one slow reply does not)
 _POOL_SIZE = 64
+
+
+def _acquire_timeout(settings: LimitSettings) -> float:
+    return max(1.0, 10 * settings.redis_timeout_s)
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -178,14 +183,18 @@ class RateLimiter:
         self._memory = MemoryStorage()
         self._local = _Store(MovingWindowRateLimiter(self._memory), LocalBuckets(), shared=False)
         self._pool: aioredis.BlockingConnectionPool | None = None
+        # a whole admission: pool wait + three round trips, each bounded by the socket timeouts
+        self._deadline_s = _acquire_timeout(settings) + 4 * settings.redis_timeout_s
         self._shared: _Store | None = None
         if redis_url:
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 redis_url,
                 max_connections=_POOL_SIZE,
-                timeout=settings.redis_timeout_s,
-                # no socket_timeout: every call runs under asyncio.timeout(redis_timeout_s) already,
-                # and redis-py would wrap each socket write in a wait_for task (costly on 3.11)
+                # Waiting for a pooled connection is local queueing, not Redis being slow: it gets
+                # its own, longer bound. Only socket I/O is held to redis_timeout_s, so a burst that
+                # saturates this process's event loop does not masquerade as a Redis outage.
+                timeout=_acquire_timeout(settings),
+                socket_timeout=settings.redis_timeout_s,
                 socket_connect_timeout=settings.redis_timeout_s,
                 # one immediate retry on a dead connection (stale after a Redis restart); timeouts are
                 # never retried: the policy decides what a slow Redis means
@@ -250,7 +259,7 @@ class RateLimiter:
         if self._redis_usable():
             probe = bool(self._down_until)  # only the one probing request gets here while Redis is down
             try:
-                async with asyncio.timeout(self._settings.redis_timeout_s):
+                async with asyncio.timeout(self._deadline_s):  # safety net; sockets time out first
                     admission = await self._admit(shared, tier, ident, cost)
             except RateLimited:
                 self._mark_up()
@@ -330,7 +339,7 @@ class RateLimiter:
 
     async def _settle_shared(self, store: _Store, key: str, tier: _Tier, delta: int, now: float) -> None:
         try:
-            async with asyncio.timeout(self._settings.redis_timeout_s):
+            async with asyncio.timeout(self._deadline_s):
                 await store.buckets.adjust(key, tier.tokens, tier.rate, delta, now)
         except _REDIS_ERRORS as exc:
             self.stats.settle_errors += 1

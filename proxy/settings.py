@@ -62,7 +62,7 @@ class LimitSettings(_Strict):
     tiers: dict[str, TierLimits] = {"default": TierLimits()}
     on_redis_error: Literal["fail_open", "fail_closed"] = "fail_open"
     emergency_requests_per_minute: int = Field(600, ge=1)  # per-process cap while failing open
-    redis_timeout_s: float = Field(0.05, gt=0)
+    redis_timeout_s: float = Field(0.25, gt=0)  # per Redis socket operation
 
     @field_validator("tiers")
     @classmethod
@@ -219,6 +219,14 @@ class ObservabilitySettings(_Strict):
     log_format: Literal["auto", "json", "console"] = "auto"
     hash_sub: bool = True
     metrics_port: int | None = Field(None, ge=0, le=65535)  # None: /metrics on the main port
+    metrics_host: str = "127.0.0.1"  # where the separate metrics port listens
+    # A/B aggregates (proxy/experiments.py): per-minute buckets in Redis, or in-process without redis_url
+    ab_prefix: str = Field("llmgw:ab", min_length=1, max_length=64)
+    ab_flush_s: float = Field(1.0, gt=0, le=60)  # how often a process adds its counts to Redis
+    ab_retention_s: int = Field(8 * 86400, ge=3600)  # minute buckets live this long
+    ab_redis_timeout_s: float = Field(0.5, gt=0)
+    feedback_ttl_s: int = Field(7 * 86400, ge=60)  # how long a completion can be rated
+    feedback_scale: Literal["thumbs", "stars"] = "thumbs"  # scores -1..1 or 0..5
 
 
 class Settings(_Strict):
