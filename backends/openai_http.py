@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from backends.base import Body, BackendError, Chunk, ErrorKind
+from backends.base import BackendError, Body, Chunk, ErrorKind
 
 
 def _status_error(status: int, raw: bytes) -> BackendError:
@@ -93,7 +93,8 @@ class SSEChunkStream:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            raise BackendError(self._kind(ErrorKind.PROTOCOL), "The model server sent invalid JSON.") from None
+            kind = self._kind(ErrorKind.PROTOCOL)
+            raise BackendError(kind, "The model server sent invalid JSON.") from None
         if not isinstance(chunk, dict):
             raise BackendError(self._kind(ErrorKind.PROTOCOL), "The model server sent an invalid chunk.")
         if "error" in chunk or chunk.get("object") == "error":
@@ -143,13 +144,13 @@ class OpenAIHTTPBackend:
     async def close(self) -> None:
         return None
 
-    async def _post(self, data: bytes, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    async def _post(self, data: bytes, limits: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         """POST once more when a pooled keep-alive connection turns out to be dead: the server
         closed it while idle, so the request never reached it and resending is safe."""
         try:
-            return await self._session.post(self._url, data=data, headers=self._headers, timeout=timeout)
+            return await self._session.post(self._url, data=data, headers=self._headers, timeout=limits)
         except aiohttp.ServerDisconnectedError:
-            return await self._session.post(self._url, data=data, headers=self._headers, timeout=timeout)
+            return await self._session.post(self._url, data=data, headers=self._headers, timeout=limits)
 
     async def chat(self, body: Body) -> Body:
         try:

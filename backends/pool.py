@@ -80,7 +80,8 @@ class Member:
             return False
         if self.max_concurrency is not None and self.outstanding >= self.max_concurrency:
             return False
-        return not (self.max_waiting is not None and self.waiting is not None and self.waiting > self.max_waiting)
+        deep = self.max_waiting is not None and self.waiting is not None and self.waiting > self.max_waiting
+        return not deep
 
     def skip_reason(self) -> str:
         if not self.healthy:

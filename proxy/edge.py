@@ -1,5 +1,6 @@
-"""Connection-level limits uvicorn does not offer: header count and size, and a header-read timeout
-(slow-loris clients). A subclass of uvicorn's httptools protocol, chosen with `http=` in the CLI.
+"""Limits at the edge: header count and size and a header-read timeout (slow-loris clients), which
+uvicorn does not offer (a subclass of its httptools protocol, chosen with `http=` in the CLI), and
+the bounded body read.
 
 The limits travel to every worker process through one environment variable set by the CLI
 (`LLM_GATEWAY_EDGE=max_headers,max_header_bytes,header_timeout_s`), because uvicorn re-imports the
@@ -12,6 +13,7 @@ import asyncio
 import os
 from typing import Any
 
+from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from proxy import errors
@@ -103,3 +105,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head += [b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body]
         self.transport.write(b"".join(head))
         self.transport.close()
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """Read the body, refusing with 413 as soon as it is known to be too large."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise errors.InvalidRequest("Invalid Content-Length header.")
+        if int(declared) > limit:
+            raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+
+    async def consume() -> None:
+        nonlocal size
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+            parts.append(part)
+
+    try:
+        await asyncio.wait_for(consume(), timeout_s)
+    except TimeoutError:
+        raise errors.InvalidRequest(
+            "The request body was not received in time.", code="body_timeout"
+        ) from None
+    return b"".join(parts)
+

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,6 +31,7 @@ from proxy.cache import (
     replay_chunks,
     replay_completion,
 )
+from proxy.edge import read_body
 from proxy.guard import PolicyGuard
 from proxy.observability import Observer
 from proxy.protocol import (
@@ -48,6 +48,8 @@ from proxy.routing import Router, apply_variant, sticky_key
 from proxy.settings import Settings, VariantSettings
 from proxy.streaming import SSEResponse, StreamTap, usage_chunk
 
+T = TypeVar("T")
+Attempt = Callable[[Member, dict[str, Any]], Awaitable[T]]
 DEFAULT_COMPLETION_RESERVE = 512  # reserved when the client sets no max_tokens; refunded after
 OFF_LOOP_SCAN_BYTES = 64 * 1024
 
@@ -104,7 +106,6 @@ class Gateway:
         self.router = Router(settings)
         self.members = members
         self.auth, self.limiter, self.guard, self.cache, self.observer = auth, limiter, guard, cache, observer
-        self._created = int(time.time())
 
     async def readiness(self) -> list[str]:
         """Why this replica should not get traffic now; empty when ready."""
@@ -135,9 +136,8 @@ class Gateway:
             if prep.req.stream:
                 return await self._stream(prep, call)
             return await self._complete(prep, call)
-        except BaseException:
-            if not prep.req.stream or call.status != 200:
-                await prep.admission.settle(call.prompt_tokens + call.completion_tokens)
+        except BaseException:  # no response took the request over: settle here (idempotent)
+            await prep.admission.settle(call.prompt_tokens + call.completion_tokens)
             raise
 
     async def _prepare(self, request: Request, raw: bytes, call: Call) -> Prepared:
@@ -217,24 +217,35 @@ class Gateway:
             self.observer.finish(call)
 
     # -- non-stream -------------------------------------------------------------------------------
-    async def _complete(self, prep: Prepared, call: Call) -> Response:
-        body = prep.body
+    async def _first_success(
+        self, prep: Prepared, call: Call, body: dict[str, Any], attempt: Attempt[T]
+    ) -> tuple[Member, T]:
+        """Try the chain in order until one attempt succeeds. Falls over only on retryable errors
+        (nothing has reached the client yet). The winner's `outstanding` stays counted: the
+        caller releases it when the response is over."""
         last_error: BackendError | None = None
         for member in self._chain(prep, call):
             fwd = self._forward_body(body, member, call)
             member.outstanding += 1
             try:
-                completion = await member.backend.chat(fwd)
+                result = await attempt(member, fwd)
             except BackendError as exc:
+                member.outstanding -= 1
                 last_error = exc
                 if not self._note_failure(member, exc, call):
                     break
                 continue
-            finally:
+            except BaseException:
                 member.outstanding -= 1
+                raise
             member.breaker.success()
-            return self._finish_completion(completion, member, prep, call)
+            return member, result
         raise self._exhausted(last_error)
+
+    async def _complete(self, prep: Prepared, call: Call) -> Response:
+        member, completion = await self._first_success(prep, call, prep.body, _chat)
+        member.outstanding -= 1
+        return self._finish_completion(completion, member, prep, call)
 
     def _finish_completion(
         self, completion: dict[str, Any], member: Member, prep: Prepared, call: Call
@@ -256,26 +267,12 @@ class Gateway:
     async def _stream(self, prep: Prepared, call: Call) -> Response:
         body = dict(prep.body)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        last_error: BackendError | None = None
-        for member in self._chain(prep, call):
-            fwd = self._forward_body(body, member, call)
-            member.outstanding += 1
-            try:
-                upstream = await member.backend.stream(fwd)
-                first = await _first_chunk(upstream)
-            except BackendError as exc:
-                member.outstanding -= 1
-                last_error = exc
-                if not self._note_failure(member, exc, call):
-                    break
-                continue
-            member.breaker.success()
-            call.backend = member.name
-            call.ttft_s = time.monotonic() - call.started
-            call.completion_id = first.get("id")
-            self._set_route_headers(call)
-            return SSEResponse(self._relay(upstream, first, member, prep, call), call.headers)
-        raise self._exhausted(last_error)
+        member, (upstream, first) = await self._first_success(prep, call, body, _open_stream)
+        call.backend = member.name
+        call.ttft_s = time.monotonic() - call.started
+        call.completion_id = first.get("id")
+        self._set_route_headers(call)
+        return SSEResponse(self._relay(upstream, first, member, prep, call), call.headers)
 
     async def _relay(
         self, upstream: ChunkStream, first: dict[str, Any], member: Member, prep: Prepared, call: Call
@@ -424,11 +421,17 @@ def _complete_choices(completion: dict[str, Any]) -> bool:
     return bool(choices) and all(c.get("finish_reason") in ("stop", "length") for c in choices)
 
 
-async def _first_chunk(upstream: ChunkStream) -> dict[str, Any]:
-    """Wait for the first chunk (the stream enforces the first-token timeout). Closes on failure."""
+async def _chat(member: Member, body: dict[str, Any]) -> dict[str, Any]:
+    return await member.backend.chat(body)
+
+
+async def _open_stream(member: Member, body: dict[str, Any]) -> tuple[ChunkStream, dict[str, Any]]:
+    """Open the stream and wait for its first chunk (the backend enforces the first-token
+    timeout), so a failure here can still fall over. Closes the stream on failure."""
+    upstream = await member.backend.stream(body)
     try:
         async for chunk in upstream:
-            return chunk
+            return upstream, chunk
     except BaseException:
         await upstream.aclose()
         raise
@@ -440,35 +443,3 @@ async def _chain_first(first: dict[str, Any], upstream: ChunkStream) -> AsyncIte
     yield first
     async for chunk in upstream:
         yield chunk
-
-
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """Read the body, refusing with 413 as soon as it is known to be too large."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise errors.InvalidRequest("Invalid Content-Length header.")
-        if int(declared) > limit:
-            raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
-    parts: list[bytes] = []
-    size = 0
-
-    async def consume() -> None:
-        nonlocal size
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
-            parts.append(part)
-
-    try:
-        await asyncio.wait_for(consume(), timeout_s)
-    except TimeoutError:
-        raise errors.InvalidRequest(
-            "The request body was not received in time.", code="body_timeout"
-        ) from None
-    return b"".join(parts)
-
-
-def new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"

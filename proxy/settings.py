@@ -369,5 +369,5 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     """Word lists are relative to the config file's directory's parent (the project root) or absolute."""
     root = (base.parent if base.name == "config" else base).resolve()
-    words = [w if Path(w).is_absolute() else str((root / w)) for w in settings.policies.words]
+    words = [w if Path(w).is_absolute() else str(root / w) for w in settings.policies.words]
     return settings.model_copy(update={"policies": settings.policies.model_copy(update={"words": words})})
