@@ -30,6 +30,8 @@ def gw(sim: SimulatorThread, module_tmp) -> Iterator[GatewayProcess]:
         "request_timeout_s": 3, "health_interval_s": 0.2, "breaker": {"failures": 1000, "reset_s": 1},
     }
     config = gateway_config(
+        limits={"tiers": {"default": {"requests_per_minute": 100000, "tokens_per_minute": 100000000},
+                          "small": {"requests_per_minute": 100000, "tokens_per_minute": 60000}}},
         backends={"gpu": gpu, "cpu": SMOLLM},
         models={
             "assistant": {"variants": [{"name": "control", "weight": 100, "backends": ["gpu"], "fallback": ["cpu"]}]},
@@ -262,3 +264,16 @@ def test_max_tokens_is_clamped_to_the_vllm_context(gw: GatewayProcess, sim: Simu
     gw.client().chat.completions.create(model="assistant", messages=HI, max_tokens=100_000)
     forwarded = sim.requests()[-1]["body"]["max_tokens"]
     assert 4000 < forwarded < 4096
+
+
+def test_failed_stream_refunds_its_token_reservation(gw: GatewayProcess, sim: SimulatorThread) -> None:
+    """A stream that fails before its first byte (502 here) must give its reservation back."""
+    headers = {"authorization": f"Bearer {gw.token('refund-user', tier='small')}"}
+    body = {"model": "ab", "messages": HI, "max_tokens": 20000, "stream": True}
+    with httpx.Client(base_url=gw.url, timeout=10) as http:
+        sim.configure(fault="status", fault_status=503)
+        assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 502
+        sim.configure(fault="none")
+        ok = http.post("/v1/chat/completions", json={**body, "max_tokens": 10}, headers=headers)
+    remaining = int(ok.headers["x-ratelimit-remaining-tokens"])
+    assert remaining > 60000 - 1000  # without the refund it would be below 40000
