@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import structlog
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,8 +34,8 @@ from proxy.auth import Authenticator, ensure_secret
 from proxy.cache import ResponseCache
 from proxy.embedding import build_embedder
 from proxy.guard import PolicyGuard
-from proxy.observability import Observer
-from proxy.pipeline import Call, Gateway
+from proxy.observability import Observer, configure_logging
+from proxy.pipeline import Call, Gateway, read_body
 from proxy.protocol import model_card
 from proxy.ratelimit import RateLimiter
 from proxy.settings import Settings, load_settings
@@ -87,9 +87,8 @@ class Runtime:
             )
             stack.push_async_callback(session.close)
             members = await self._start_backends(stack, session)
-            secret, _ = ensure_secret(s.auth, Path(s.server.state_dir))
-            public_key = Path(s.auth.public_key_file).read_text() if s.auth.public_key_file else ""
-            auth = Authenticator(s.auth, secret=secret, public_key=public_key, session=session)
+            secret, _ = await asyncio.to_thread(ensure_secret, s.auth, Path(s.server.state_dir))
+            auth = Authenticator(s.auth, secret=secret, session=session)  # reads public_key_file itself
             limiter = RateLimiter(s.limits, s.redis_url)
             guard = PolicyGuard(s.policies)
             embedder = build_embedder(s.cache.semantic, session) if s.cache.semantic.enabled else None
@@ -99,6 +98,7 @@ class Runtime:
                 stack.push_async_callback(part.close)
             stack.push_async_callback(self.observer.close)
             self.gateway = Gateway(s, members, auth, limiter, guard, cache, self.observer)
+            await self.observer.start(self.gateway)
             try:
                 yield
             finally:
@@ -203,7 +203,14 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         return Response(body, status_code=503 if problems else 200, media_type="application/json")
 
     async def metrics(_request: Request) -> Response:
-        return Response(generate_latest(rt.observer.registry), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = rt.observer.metrics_response()
+        return Response(body, media_type=content_type)
+
+    async def feedback(request: Request) -> Response:
+        principal = await rt.gw.auth.authenticate(request.headers.getlist("authorization"))
+        raw = await read_body(request, 16_384, settings.server.body_timeout_s)
+        result = await rt.observer.experiments.feedback(principal, raw)
+        return Response(orjson.dumps(result), media_type="application/json")
 
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/models", list_models, methods=["GET"])
@@ -211,6 +218,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.add_route("/healthz", healthz, methods=["GET"])
     app.add_route("/readyz", readyz, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
+    app.add_route("/v1/feedback", feedback, methods=["POST"])
 
     @app.exception_handler(errors.GatewayError)
     async def _gateway_error(_request: Request, exc: errors.GatewayError) -> Response:
@@ -225,10 +233,13 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         log.error("unhandled error", exc_info=exc)
         return _error_response(errors.InternalError())
 
+    rt.observer.instrument(app)  # HTTP metrics, inside the request-id middleware
     app.add_middleware(RequestIdMiddleware)
     return app
 
 
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory` / several workers: the CLI passes the config path by env."""
-    return create_app(load_settings(os.environ.get("LLM_GATEWAY_CONFIG", "config/gateway.yaml")))
+    settings = load_settings(os.environ.get("LLM_GATEWAY_CONFIG", "config/gateway.yaml"))
+    configure_logging(settings.observability)  # spawned workers start with a bare logging setup
+    return create_app(settings)

@@ -1,4 +1,4 @@
-"""The `llm-gateway` command: serve, check-config, token."""
+"""The `llm-gateway` command: serve, check-config, token, ab-report."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.auth import ensure_secret
     from proxy.edge import ENV as EDGE_ENV
     from proxy.edge import GuardedHttpToolsProtocol
+    from proxy.metrics import prepare_multiprocess
     from proxy.observability import configure_logging
 
     path, settings = _load(args.config)
@@ -46,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = args.host or server.host, args.port if args.port is not None else server.port
     workers = args.workers or server.workers
     configure_logging(settings.observability)
+    prepare_multiprocess(workers)  # before workers start: they share one PROMETHEUS_MULTIPROC_DIR
     # The secret is settled here, once, before workers start, so every worker reads the same one.
     _, generated = ensure_secret(settings.auth, Path(server.state_dir))
     if generated:
@@ -102,6 +104,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from proxy.auth import parse_ttl
+    from proxy.experiments import ab_report
+
+    _, settings = _load(args.config)
+    try:
+        since_s = parse_ttl(args.since)
+    except ValueError as exc:
+        print(f"ab-report: {exc}", file=sys.stderr)
+        return 2
+    return ab_report(settings, model=args.model, since_s=since_s, window=args.since, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-gateway", description="OpenAI-compatible LLM gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--models", help="comma-separated allow-list of public model names")
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 15m, 1h, 7d")
     token.set_defaults(func=cmd_token)
+    report = sub.add_parser("ab-report", help="per-variant A/B statistics from the shared aggregates")
+    report.add_argument("--config")
+    report.add_argument("--model", help="one experiment (public model name); default: all")
+    report.add_argument("--since", default="1h", help="window: 90s, 15m, 1h, 7d")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.set_defaults(func=cmd_ab_report)
     return parser
 
 

@@ -1,6 +1,11 @@
-"""Structured logs (structlog, one line per request from an allow-list of fields), Prometheus
-metrics with bounded labels, and ownership of the small background tasks a request leaves behind
+"""Structured logs (structlog, one line per request from an allow-list of fields), the Observer
+that turns a finished `Call` into metrics (proxy/metrics.py), a log line and an A/B sample
+(proxy/experiments.py), and ownership of the small background tasks a request leaves behind
 (cache stores, token refunds), so none is fire-and-forget.
+
+With several workers (PROMETHEUS_MULTIPROC_DIR) every sample goes through prometheus_client's
+files; the state copied from the stages (breakers, queues, cache/limiter counters) is synced by
+each worker every second, so a scrape sees the other workers' state at most a second late.
 """
 
 from __future__ import annotations
@@ -8,81 +13,121 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as http_metrics
 
+from proxy import errors
+from proxy.experiments import ExperimentStore, Sample
+from proxy.metrics import MULTIPROC_ENV, RequestMetrics, StateMetrics, metrics_server
 from proxy.settings import ObservabilitySettings
 
 if TYPE_CHECKING:
-    from proxy.pipeline import Call
+    from starlette.applications import Starlette
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+    from proxy.auth import Principal
+    from proxy.pipeline import Call, Gateway
+
+_HITS = frozenset({"hit", "semantic-hit"})
+_SYNC_S = 1.0  # with several workers: how often each copies its state into the shared files
 
 
 def configure_logging(settings: ObservabilitySettings) -> None:
-    """Called once by the CLI before serving: JSON lines, or console output on a terminal."""
+    """Called once per process before serving: JSON lines, or console output on a terminal.
+    Standard-library records (guard, cache, limiter warnings) go through the same renderer and
+    carry the request id bound by RequestIdMiddleware, so every line of a request can be joined."""
     console = settings.log_format == "console" or (settings.log_format == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     level = getattr(logging, settings.log_level.upper())
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *(() if console else (structlog.processors.format_exc_info,)),
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]  # replaced, not added: calling this twice must not double every line
+    root.setLevel(level)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
 
 
-class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ("model", "variant", "backend")
-        self.requests = Counter(
-            "llm_gateway_requests",
-            "Chat requests by outcome",
-            (*labels, "status", "cache"),
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "llm_gateway_request_seconds",
-            "End-to-end latency",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            "llm_gateway_ttft_seconds",
-            "Time to first token",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.tokens = Counter("llm_gateway_tokens", "Tokens", (*labels, "kind"), registry=registry)
-        self.fallbacks = Counter(
-            "llm_gateway_fallbacks", "Backends skipped or failed", ("reason",), registry=registry
-        )
-        self.policy = Counter(
-            "llm_gateway_policy_actions", "Policy actions", ("direction", "action"), registry=registry
-        )
-
-
 class Observer:
-    def __init__(self, settings: ObservabilitySettings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: ObservabilitySettings,
+        registry: CollectorRegistry | None = None,
+        *,
+        multiprocess_mode: bool | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        # read once, at start-up: the CLI sets it before workers start
+        detected = bool(os.environ.get(MULTIPROC_ENV))
+        self.multiprocess = detected if multiprocess_mode is None else multiprocess_mode
+        self.metrics = RequestMetrics(self.registry)
+        self.state = StateMetrics(self.registry)
+        self._exposed = self.registry
+        if self.multiprocess:
+            self._exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
         self.log = structlog.get_logger("llm_gateway.request")
-        self.started_at = time.time()
+        self.started_at, self.pid = time.time(), os.getpid()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gateway: Gateway | None = None
+        self._experiments: ExperimentStore | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
+
+    def instrument(self, app: Starlette) -> None:
+        """HTTP basics from prometheus-fastapi-instrumentator (pure ASGI) on the same registry;
+        its metrics are created here so /metrics lists them before the first request."""
+        inst = Instrumentator(excluded_handlers=["^/metrics$"], registry=self.registry)
+        default = http_metrics.default(registry=self.registry)
+        assert default is not None
+        inst.add(default).instrument(app)
+
+    @property
+    def experiments(self) -> ExperimentStore:
+        if self._experiments is None:
+            raise errors.ServiceUnavailable("The gateway is starting.")
+        return self._experiments
+
+    async def start(self, gateway: Gateway) -> None:
+        """After the stages exist: the A/B recorder, the state sync, the separate metrics port."""
+        self._gateway = gateway
+        self._experiments = ExperimentStore(gateway.settings.redis_url, self.settings)
+        await self._experiments.start()
+        if self.multiprocess:
+            self._background.append(asyncio.create_task(self._sync_forever(), name="metrics-sync"))
+        if self.settings.metrics_port is not None:
+            self._server = await asyncio.start_server(
+                metrics_server(self.exposition),
+                self.settings.metrics_host,
+                self.settings.metrics_port,
+                reuse_port=True,
+            )
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a follow-up (cache store, token settle) after the response, owned until it ends."""
@@ -91,38 +136,110 @@ class Observer:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for bg in self._background:
+            bg.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         for task in list(self._tasks):
             task.cancel()
+        if self._experiments is not None:
+            await self._experiments.close()  # after the follow-ups: it flushes what they recorded
+        self._gateway = None
+        if self.multiprocess:
+            multiprocess.mark_process_dead(self.pid)  # type: ignore[no-untyped-call]  # its live gauges
 
+    # -- /metrics ------------------------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        if self._gateway is not None:
+            self.state.sync(self._gateway, self._experiments, len(self._tasks))
+        return generate_latest(self._exposed)
+
+    def metrics_response(self) -> tuple[bytes, str]:
+        """For GET /metrics on the main port: 404 when metrics have a port of their own."""
+        if self.settings.metrics_port is not None:
+            raise errors.NotFound("Metrics are served on the metrics port.")
+        return self.exposition(), CONTENT_TYPE_LATEST
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SYNC_S)
+            if self._gateway is not None:
+                self.state.sync(self._gateway, self._experiments, len(self._tasks))
+
+    # -- the end of a request ------------------------------------------------------------------------
     def subject(self, sub: str) -> str:
         return hashlib.sha256(sub.encode()).hexdigest()[:16] if self.settings.hash_sub else sub
 
+    def _tenant(self, principal: Principal) -> str:
+        # without a tenant claim the tenant is the subject: hash it like one
+        return self.subject(principal.tenant) if principal.tenant == principal.sub else principal.tenant
+
     def finish(self, call: Call) -> None:
         elapsed = time.monotonic() - call.started
-        model, variant, backend = call.model or "-", call.variant or "-", call.backend or "-"
+        self._observe(call, elapsed)
+        if call.model is not None and call.variant is not None and self._experiments is not None:
+            self._record(call, call.model, call.variant, elapsed)
+        self._log(call, elapsed)
+
+    def _observe(self, call: Call, elapsed: float) -> None:
         m = self.metrics
-        m.requests.labels(model, variant, backend, str(call.status), call.cache).inc()
-        m.latency.labels(model, variant, backend).observe(elapsed)
+        labels = ((call.model or "-") if call.variant else "-", call.variant or "-", call.backend or "-")
+        m.count_request(labels, str(call.status), call.cache)
+        ch = m.children(labels)
+        ch.duration.observe(elapsed)
         if call.ttft_s is not None:
-            m.ttft.labels(model, variant, backend).observe(call.ttft_s)
-        m.tokens.labels(model, variant, backend, "prompt").inc(call.prompt_tokens)
-        m.tokens.labels(model, variant, backend, "completion").inc(call.completion_tokens)
+            ch.ttft.observe(call.ttft_s)
+        ch.prompt.inc(call.prompt_tokens)
+        ch.completion.inc(call.completion_tokens)
+        if call.disconnected:
+            ch.disconnects.inc()
+        elif call.status == 200 and call.backend not in (None, "cache") and call.completion_tokens > 0:
+            ch.speed.observe(call.completion_tokens / elapsed)
+            if call.stream and call.ttft_s is not None and call.completion_tokens > 1:
+                ch.itl.observe((elapsed - call.ttft_s) / (call.completion_tokens - 1))
         for reason in call.fallback_reasons:
             m.fallbacks.labels(reason).inc()
         for action in call.policy:
             direction, _, what = action.partition(":")
             m.policy.labels(direction, what).inc()
+
+    def _record(self, call: Call, model: str, variant: str, elapsed: float) -> None:
+        assert self._experiments is not None
+        sample = Sample(
+            model=model,
+            variant=variant,
+            status=call.status,
+            blocked=any(p.endswith(":block") for p in call.policy),
+            cache_hit=call.cache in _HITS,
+            disconnected=call.disconnected,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            latency_s=elapsed,
+            ttft_s=call.ttft_s,
+        )
+        self._experiments.record(sample)
+        if call.status == 200 and call.principal is not None and call.completion_id:
+            self._experiments.remember(call.completion_id, sample, call.principal)
+
+    def _log(self, call: Call, elapsed: float) -> None:
+        """The one line per request. An explicit allow-list: never prompt or completion text,
+        tokens, keys or headers; `sub` hashed unless observability.hash_sub is off."""
+        principal = call.principal
         self.log.info(
             "request",
             request_id=call.request_id,
-            sub=self.subject(call.principal.sub) if call.principal else None,
-            tenant=call.principal.tenant if call.principal else None,
-            model=call.model,
+            worker=self.pid,
+            sub=self.subject(principal.sub) if principal else None,
+            tenant=self._tenant(principal) if principal else None,
+            model=call.model[:100] if call.model else None,
             variant=call.variant,
             backend=call.backend,
             tried=call.tried,
+            fallbacks=call.fallback_reasons,
             cache=call.cache,
             policy=call.policy,
             stream=call.stream,
@@ -133,4 +250,5 @@ class Observer:
             prompt_tokens=call.prompt_tokens,
             completion_tokens=call.completion_tokens,
             disconnected=call.disconnected,
+            completion_id=call.completion_id,
         )
