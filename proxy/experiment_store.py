@@ -21,7 +21,7 @@ class AbBackend(Protocol):
 
     async def apply(self, batch: dict[int, dict[str, Fields]]) -> None: ...
     async def read(self, minutes: range) -> list[dict[str, float]]: ...
-    async def remember(self, cid: str, record: dict[str, str]) -> None: ...
+    async def remember_many(self, records: dict[str, dict[str, str]]) -> None: ...
     async def lookup(self, cid: str) -> dict[str, str] | None: ...
     async def rate(
         self, cid: str, minute: int, prefix: str, owner: str, score: float, comment: str | None
@@ -55,9 +55,11 @@ class MemoryBackend:
     async def read(self, minutes: range) -> list[dict[str, float]]:
         return [dict(self._minutes[m]) for m in minutes if m in self._minutes]
 
-    async def remember(self, cid: str, record: dict[str, str]) -> None:
-        self._ids[cid] = (self._clock() + self._settings.feedback_ttl_s, record)
-        self._ids.move_to_end(cid)
+    async def remember_many(self, records: dict[str, dict[str, str]]) -> None:
+        expires = self._clock() + self._settings.feedback_ttl_s
+        for cid, record in records.items():
+            self._ids[cid] = (expires, record)
+            self._ids.move_to_end(cid)
         while len(self._ids) > self._max_ids:
             self._ids.popitem(last=False)
 
@@ -160,12 +162,13 @@ class RedisBackend:
                 out.append({k.decode(): float(v) for k, v in raw.items()})
         return out
 
-    async def remember(self, cid: str, record: dict[str, str]) -> None:
-        key = self._cid_key(cid)
-        pipe = self._redis.pipeline(transaction=True)  # a reused id starts over: no stale score
-        pipe.delete(key)
-        pipe.hset(key, mapping=dict(record.items()))
-        pipe.expire(key, self._settings.feedback_ttl_s)
+    async def remember_many(self, records: dict[str, dict[str, str]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)  # one round trip for a flush interval's ids
+        for cid, record in records.items():
+            key = self._cid_key(cid)
+            pipe.delete(key)  # a reused id starts over: no stale score
+            pipe.hset(key, mapping=dict(record.items()))
+            pipe.expire(key, self._settings.feedback_ttl_s)
         await pipe.execute()
 
     async def lookup(self, cid: str) -> dict[str, str] | None:

@@ -131,7 +131,8 @@ class ExperimentStore:
             RedisBackend(redis_url, settings) if redis_url else MemoryBackend(settings, clock)
         )
         self._buffer: dict[int, dict[str, Fields]] = {}
-        self._pending: dict[str, asyncio.Task[None]] = {}  # id -> its mapping write, owned until done
+        # completion id -> mapping, written with the counts on the next flush (no I/O per request)
+        self._ids: dict[str, dict[str, str]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.stats = ExperimentStats()
 
@@ -148,8 +149,6 @@ class ExperimentStore:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
-        if self._pending:
-            await asyncio.wait(list(self._pending.values()), timeout=self._timeout_s)
         await self.flush()
         await self._backend.close()
 
@@ -161,30 +160,15 @@ class ExperimentStore:
             fields[name] = fields.get(name, 0.0) + value
 
     def remember(self, completion_id: Any, sample: Sample, principal: Principal) -> None:
-        """Map a completion id to its variant and receiver (a task owned here, awaited by feedback)."""
+        """Map a completion id to its variant and receiver; written on the next flush."""
         if not isinstance(completion_id, str) or not 0 < len(completion_id) <= 256:
             return
-        record = {
+        self._ids[completion_id] = {
             "owner": owner_of(principal),
             "model": sample.model,
             "variant": sample.variant,
             "minute": str(int(self._clock()) // 60),
         }
-        task = asyncio.get_running_loop().create_task(self._remember(completion_id, record))
-        self._pending[completion_id] = task
-        task.add_done_callback(lambda t: self._forget(completion_id, t))
-
-    def _forget(self, cid: str, task: asyncio.Task[None]) -> None:
-        if self._pending.get(cid) is task:  # a newer write for the same id stays pending
-            del self._pending[cid]
-
-    async def _remember(self, cid: str, record: dict[str, str]) -> None:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._backend.remember(cid, record)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.stats.mapping_errors += 1
-            log.warning("A/B: could not store a completion id mapping: %r", exc)
 
     # -- off the request path ------------------------------------------------------------------------
     async def _flush_forever(self) -> None:
@@ -196,6 +180,7 @@ class ExperimentStore:
                 log.exception("A/B flush failed unexpectedly")
 
     async def flush(self) -> None:
+        await self._flush_ids()
         if not self._buffer:
             return
         batch, self._buffer = self._buffer, {}
@@ -206,6 +191,17 @@ class ExperimentStore:
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.flush_errors += 1
             log.warning("A/B: flush failed, %d minute(s) of counts dropped: %r", len(batch), exc)
+
+    async def _flush_ids(self) -> None:
+        if not self._ids:
+            return
+        ids, self._ids = self._ids, {}
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._backend.remember_many(ids)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.stats.mapping_errors += len(ids)
+            log.warning("A/B: could not store %d completion id mapping(s): %r", len(ids), exc)
 
     async def feedback(self, principal: Principal, raw: bytes) -> dict[str, Any]:
         """POST /v1/feedback: 400 bad body or score, 404 unknown id, 403 not the receiver."""
@@ -232,9 +228,8 @@ class ExperimentStore:
         return {"object": "feedback", "id": fb.id, "score": fb.score, "replaced": result == 2}
 
     async def _rate(self, fb: FeedbackIn, owner: str) -> int:
-        pending = self._pending.get(fb.id)
-        if pending is not None:  # the answer went out before its mapping was written
-            await asyncio.shield(pending)
+        if fb.id in self._ids:  # the answer went out before its mapping was flushed
+            await self._flush_ids()
         record = await self._backend.lookup(fb.id)
         if record is None:
             return 0

@@ -174,7 +174,7 @@ async def test_feedback_is_owned_mapped_and_last_write_wins() -> None:
     store, alice = _store(Clock()), _principal("alice")
     sample = _sample(variant="candidate")
     store.record(sample)
-    store.remember("chatcmpl-9", sample, alice)  # not awaited: feedback must wait for the write
+    store.remember("chatcmpl-9", sample, alice)  # not flushed yet: feedback flushes it first
     with pytest.raises(errors.PermissionDenied) as denied:
         await store.feedback(_principal("bob"), _body(id="chatcmpl-9", score=1))
     assert denied.value.status == 403
@@ -196,7 +196,7 @@ async def test_feedback_expires_with_its_mapping() -> None:
     clock = Clock()
     store, alice = _store(clock, feedback_ttl_s=60), _principal("alice")
     store.remember("chatcmpl-1", _sample(), alice)
-    await asyncio.wait(list(store._pending.values()))  # the mapping is written at T0
+    await store.flush()  # the mapping is written at T0
     clock.now += 61
     with pytest.raises(errors.NotFound):
         await store.feedback(alice, _body(id="chatcmpl-1", score=1))
@@ -207,7 +207,7 @@ async def test_ids_that_cannot_be_keys_are_not_mapped() -> None:
     store = _store(Clock())
     store.remember(None, _sample(), _principal("a"))
     store.remember("x" * 257, _sample(), _principal("a"))
-    assert store._pending == {}
+    assert store._ids == {}
     await store.close()
 
 
