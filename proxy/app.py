@@ -199,8 +199,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     async def readyz(_request: Request) -> Response:
-        problems = await rt.gw.readiness()
-        body = orjson.dumps({"status": "not_ready" if problems else "ready", "problems": problems})
+        problems, degraded = await rt.gw.readiness()
+        status = "not_ready" if problems else "degraded" if degraded else "ready"
+        body = orjson.dumps({"status": status, "problems": problems, "degraded": degraded})
         return Response(body, status_code=503 if problems else 200, media_type="application/json")
 
     async def metrics(_request: Request) -> Response:

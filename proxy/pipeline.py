@@ -107,16 +107,19 @@ class Gateway:
         self.members = members
         self.auth, self.limiter, self.guard, self.cache, self.observer = auth, limiter, guard, cache, observer
 
-    async def readiness(self) -> list[str]:
-        """Why this replica should not get traffic now; empty when ready."""
-        problems = []
+    async def readiness(self) -> tuple[list[str], list[str]]:
+        """(problems, degradations). Problems take this replica out of rotation. A Redis outage is
+        only a degradation under fail_open: every replica shares Redis, so making them all unready
+        at once would turn a degraded service into no service."""
+        problems, degraded = [], []
         for name, experiment in self.router.experiments.items():
             names = {n for v in experiment.settings.variants for n in (*v.backends, *v.fallback)}
             if not any(self.members[n].usable() for n in names):
                 problems.append(f"model {name}: no usable backend")
         if self.settings.redis_url and not await self.limiter.redis_ok():
-            problems.append("redis unreachable")
-        return problems
+            fail_closed = self.settings.limits.on_redis_error == "fail_closed"
+            (problems if fail_closed else degraded).append("redis unreachable")
+        return problems, degraded
 
     # -- entry point -------------------------------------------------------------------------------
     async def chat_completions(self, request: Request, call: Call) -> Response:

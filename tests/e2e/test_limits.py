@@ -467,9 +467,12 @@ def test_redis_outage_fail_open_and_fail_closed_then_recovery(
         r = timed(http, gw_closed, headers)
         assert_openai_error(r, 503, "server_error", "service_unavailable")
         assert r.headers["retry-after"] == "1"
+    # fail_open keeps serving, so it stays in rotation (degraded); fail_closed cannot serve
+    ready = http.get(f"{gw_open.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["degraded"] == ["redis unreachable"]
+    ready = http.get(f"{gw_closed.url}/readyz")
+    assert ready.status_code == 503 and "redis unreachable" in ready.json()["problems"]
     for gw in both:
-        ready = http.get(f"{gw.url}/readyz")
-        assert ready.status_code == 503 and "redis unreachable" in ready.json()["problems"]
         assert http.get(f"{gw.url}/healthz").status_code == 200
 
     private_redis.start()  # same port, empty
