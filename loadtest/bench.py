@@ -10,6 +10,7 @@ simulator and the load generators share core 1. Measured:
 
 --features core: auth with a valid token, generous limits in memory, policies and cache off.
 --features auth: the same with limits in Redis (--redis) - the cost of identity and limits.
+--features policies: core + input and output word policies (the shipped lists).
 --features full: auth + Redis limits + policies + exact cache (requests vary, so all misses).
 """
 
@@ -47,15 +48,16 @@ def _free_port() -> int:
 def _config(sim_url: str, features: str, redis_url: str) -> dict[str, Any]:
     words = [str(ROOT / "config/words/zh.txt"), str(ROOT / "config/words/en.txt")]
     full = features == "full"
+    policies = features in ("full", "policies")
     return {
         "redis_url": redis_url if features in ("auth", "full") else "",
         "auth": {"secret": SECRET, "audience": "llm-gateway", "issuer": "bench"},
         "limits": {"tiers": {"default": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12}}},
         "cache": {"enabled": full, "semantic": {"enabled": False}},
         "policies": {
-            "words": words if full else [],
-            "input": "block" if full else "off",
-            "output": "mask" if full else "off",
+            "words": words if policies else [],
+            "input": "block" if policies else "off",
+            "output": "mask" if policies else "off",
         },
         "observability": {"log_level": "warning", "log_format": "json"},
         "backends": {"gpu": {"type": "vllm", "url": sim_url, "model": "sim-model", "health_interval_s": 5}},
@@ -252,7 +254,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rates", type=float, nargs="+", default=[200, 500])
-    parser.add_argument("--features", choices=["core", "auth", "full"], default="core")
+    parser.add_argument("--features", choices=["core", "auth", "policies", "full"], default="core")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     procs, sim_port, gw_port = start_services(args)
