@@ -84,8 +84,8 @@ def _token() -> str:
     )
 
 
-async def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_http(url: str, limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             try:

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.redis8
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def words(module_tmp: Path) -> Path:
     path = module_tmp / "extra.txt"
     path.write_text("# words added while the gateway runs\n")

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def gw(sim: SimulatorThread, module_tmp) -> Iterator[GatewayProcess]:
     gpu = {
         "type": "vllm", "url": sim.url, "model": "sim-model", "first_token_timeout_s": 1.5,

@@ -14,12 +14,6 @@ from tests.conftest import GatewayProcess, gateway_config
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def gw(sim: SimulatorThread, module_tmp) -> Iterator[GatewayProcess]:
     config = gateway_config(
         backends={"gpu": {"type": "vllm", "url": sim.url, "model": "sim-model"}},

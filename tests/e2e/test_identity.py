@@ -145,12 +145,6 @@ def serve_jwks(state: JwksServer) -> Callable[[], None]:
 
 
 # -- gateways ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
 def _config(sim: SimulatorThread, auth: dict[str, Any]) -> dict[str, Any]:
     gpu = {"type": "vllm", "url": sim.url, "model": "sim-model", "health_interval_s": 0.5}
     one = {"variants": [{"name": "only", "weight": 100, "backends": ["gpu"]}]}

@@ -62,12 +62,6 @@ def config(sim: SimulatorThread, *, redis_url: str = REDIS_URL, **limits: Any) -
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def pair(sim: SimulatorThread, module_tmp: Path) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
     """Two gateway processes with one config, sharing the real Redis."""
     cfg = config(sim)

@@ -17,12 +17,6 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def gw(sim: SimulatorThread, module_tmp) -> Iterator[GatewayProcess]:
     hosted = {"type": "litellm", "model": "hosted_vllm/sim-model", "api_base": f"{sim.url}/v1",
               "first_token_timeout_s": 2}

@@ -36,12 +36,6 @@ LOG_FIELDS = set(
 )
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
 def _experiment(*variants: str) -> dict[str, Any]:
     return {"variants": [{"name": v, "weight": 50, "backends": ["gpu"]} for v in variants]}
 

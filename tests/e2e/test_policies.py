@@ -16,12 +16,6 @@ SENTENCE = "Well, that was a bullshit answer from the double your bitcoin crowd,
 
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
-
-
 def _config(sim: SimulatorThread, output: str) -> dict:
     return gateway_config(
         backends={"gpu": {"type": "vllm", "url": sim.url, "model": "sim-model"}},

@@ -104,8 +104,7 @@ def test_first_chunk_then_the_rest_from_one_stream():
 
     async def run():
         stream = SSEChunkStream(Resp([STREAM]), first_deadline=1e18, idle_timeout=5)
-        async for first in stream:
-            break
+        first = await anext(aiter(stream))
         rest = [c async for c in stream]
         await stream.aclose()
         return first, rest

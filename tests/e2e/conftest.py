@@ -1,0 +1,16 @@
+"""Fixtures shared by the end-to-end modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from loadtest.vllm_sim import SimulatorThread
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimulatorThread]:
+    """A vLLM simulator per test module (modules reconfigure it freely)."""
+    with SimulatorThread() as s:
+        yield s
