@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +35,6 @@ ANSWER = (
     "Simulated answer to: What is the capital of France? lorem ipsum dolor sit amet consectetur adipiscing"
 )
 BODY: dict[str, Any] = {"model": "hosted_vllm/sim-model", "messages": [{"role": "user", "content": QUESTION}]}
-
-
-@pytest.fixture(scope="module")
-def shared_sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as sim:
-        yield sim
-
-
-@pytest.fixture
-def sim(shared_sim: SimulatorThread) -> Iterator[SimulatorThread]:
-    shared_sim.reset()
-    yield shared_sim
-    shared_sim.reset()
 
 
 def settings(sim: SimulatorThread, **changes: Any) -> LiteLLMBackendSettings:

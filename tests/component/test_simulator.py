@@ -27,19 +27,6 @@ PROMPT_TOKENS = 6 + 4  # words of the one message + 4 per message
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
 
 
-@pytest.fixture(scope="module")
-def shared_sim() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as sim:
-        yield sim
-
-
-@pytest.fixture
-def sim(shared_sim: SimulatorThread) -> Iterator[SimulatorThread]:
-    shared_sim.reset()
-    yield shared_sim
-    shared_sim.reset()
-
-
 @pytest.fixture
 def client(sim: SimulatorThread) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0, timeout=5) as c:

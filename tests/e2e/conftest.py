@@ -14,3 +14,11 @@ def sim() -> Iterator[SimulatorThread]:
     """A vLLM simulator per test module (modules reconfigure it freely)."""
     with SimulatorThread() as s:
         yield s
+
+
+@pytest.fixture(autouse=True)
+def _reset_sim(sim: SimulatorThread) -> Iterator[None]:
+    """Each test starts and ends with the simulator's default behaviour and no records."""
+    sim.reset()
+    yield
+    sim.reset()

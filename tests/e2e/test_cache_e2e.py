@@ -38,13 +38,6 @@ def gw(sim: SimulatorThread, redis8_url: str, words: Path, module_tmp: Path) -> 
     proc.stop()
 
 
-@pytest.fixture(autouse=True)
-def _reset(sim: SimulatorThread) -> Iterator[None]:
-    sim.reset()
-    yield
-    sim.reset()
-
-
 def _ask(gw: GatewayProcess, text: str, *, tenant: str = "t1", stream: bool = False, **extra) -> httpx.Response:
     body = {"model": "assistant", "messages": [{"role": "user", "content": text}], "temperature": 0,
             "stream": stream, **extra}

@@ -44,13 +44,6 @@ def gw(sim: SimulatorThread, module_tmp) -> Iterator[GatewayProcess]:
     proc.stop()
 
 
-@pytest.fixture(autouse=True)
-def _reset_sim(sim: SimulatorThread) -> Iterator[None]:
-    sim.reset()
-    yield
-    sim.reset()
-
-
 HI = [{"role": "user", "content": "Say hello in five words."}]
 
 

@@ -185,13 +185,6 @@ def jwks_gw(
         stop()
 
 
-@pytest.fixture(autouse=True)
-def _reset_sim(sim: SimulatorThread) -> Iterator[None]:
-    sim.reset()
-    yield
-    sim.reset()
-
-
 @pytest.fixture
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=10) as client:

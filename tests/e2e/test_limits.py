@@ -75,13 +75,6 @@ def pair(sim: SimulatorThread, module_tmp: Path) -> Iterator[tuple[GatewayProces
         b.stop()
 
 
-@pytest.fixture(autouse=True)
-def _reset_sim(sim: SimulatorThread) -> Iterator[None]:
-    sim.reset()
-    yield
-    sim.reset()
-
-
 @pytest.fixture
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=10) as client:

@@ -39,13 +39,6 @@ def blocking(sim: SimulatorThread, module_tmp) -> Iterator[GatewayProcess]:
     proc.stop()
 
 
-@pytest.fixture(autouse=True)
-def _reset(sim: SimulatorThread) -> Iterator[None]:
-    sim.reset()
-    yield
-    sim.reset()
-
-
 def _splits(text: str) -> list[list[str]]:
     """Two-way splits at every position inside the listed words, and a few three-way splits."""
     cases = []
