@@ -40,6 +40,7 @@ _MAX_TIER_CHARS = 64
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _TTL_RE = re.compile(r"\s*(\d{1,9})\s*([smhd]?)\s*")
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_VERIFIED_MAX = 4096  # tokens whose signature check is remembered (a client reuses its token)
 
 MISSING = "Missing API key: send 'Authorization: Bearer <token>'."
 INVALID = "Invalid or expired API key."
@@ -83,6 +84,10 @@ class Authenticator:
         self._session, self._own_session = session, False
         self._jwks: JwksCache | None = None
         self._refresher: asyncio.Task[None] | None = None
+        # token -> (principal, the key that verified it): a client sends the same token on every
+        # request, and PyJWT's decode is ~60% of authentication. Claims and the time window are
+        # still checked on every request; the entry is dropped once its key is no longer current.
+        self._verified: dict[str, tuple[Principal, Any, str, str | None]] = {}
         missing = self._algorithms - self._static.keys()
         if missing and not settings.jwks_url:
             raise ValueError(f"auth: no key for algorithm(s) {', '.join(sorted(missing))}")
@@ -138,12 +143,22 @@ class Authenticator:
             raise Unauthorized(MISSING)
         try:
             token = _bearer(authorization)
+            known = self._verified.get(token)
+            if known is not None and self._current_key(known[2], known[3]) is known[1]:
+                try:
+                    self._check_times(known[0].claims)
+                except _Reject:
+                    del self._verified[token]
+                    raise
+                return known[0]
             header = _header(token)
             key = await self._key(header)
             payload = orjson.loads(
                 self._jws.decode_complete(token, key=key, algorithms=[header["alg"]])["payload"]
             )
-            return self._principal(payload)
+            principal = self._principal(payload)
+            self._remember(token, (principal, key, header["alg"], header.get("kid")))
+            return principal
         except (_Reject, jwt.PyJWTError, orjson.JSONDecodeError) as exc:
             log.debug("token refused: %s", type(exc).__name__ if not isinstance(exc, _Reject) else exc)
             raise Unauthorized(INVALID) from None
@@ -163,6 +178,18 @@ class Authenticator:
             raise _Reject("no key for this kid/alg")
         return key
 
+    def _remember(self, token: str, entry: tuple[Principal, Any, str, str | None]) -> None:
+        if len(self._verified) >= _VERIFIED_MAX:  # forget the oldest entry
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = entry
+
+    def _current_key(self, alg: str, kid: str | None) -> Any:
+        """The key that verifies (alg, kid) now, without fetching; None when there is none."""
+        key = self._static.get(alg)
+        if key is None and self._jwks is not None:
+            key = self._jwks.current_key(kid, alg)
+        return key
+
     def _principal(self, payload: Any) -> Principal:
         if not isinstance(payload, dict):
             raise _Reject("payload is not an object")
@@ -180,7 +207,7 @@ class Authenticator:
         allowed = None if models is None else frozenset(models)
         return Principal(sub, tenant, tier, allowed, MappingProxyType(payload))
 
-    def _check_times(self, payload: dict[str, Any]) -> None:
+    def _check_times(self, payload: Mapping[str, Any]) -> None:
         now, leeway = self._clock(), self._settings.leeway_s
         exp, iat, nbf = (_number(payload, c) for c in ("exp", "iat", "nbf"))
         if exp is None or iat is None:
@@ -230,7 +257,7 @@ def _header(token: str) -> dict[str, Any]:
     return header
 
 
-def _number(payload: dict[str, Any], claim: str) -> float | None:
+def _number(payload: Mapping[str, Any], claim: str) -> float | None:
     value = payload.get(claim)
     if value is None:
         return None

@@ -53,13 +53,14 @@ class JwksCache:
         self.fetches = 0  # completed fetch attempts, for metrics and tests
 
     async def key_for(self, kid: str | None, alg: str) -> Any | None:
-        entry = self._lookup(kid)
-        if entry is None and self._clock() - self._last_attempt >= self._min_refetch_s:
+        if self._lookup(kid) is None and self._clock() - self._last_attempt >= self._min_refetch_s:
             await self.refresh()
-            entry = self._lookup(kid)
-        if entry is None or alg not in entry[0]:
-            return None
-        return entry[1]
+        return self.current_key(kid, alg)
+
+    def current_key(self, kid: str | None, alg: str) -> Any | None:
+        """The key for (kid, alg) in the set held now, without fetching."""
+        entry = self._lookup(kid)
+        return entry[1] if entry is not None and alg in entry[0] else None
 
     def _lookup(self, kid: str | None) -> tuple[frozenset[str], Any] | None:
         if kid is None:  # tolerated only while the set holds exactly one key

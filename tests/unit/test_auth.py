@@ -481,3 +481,48 @@ def test_parse_ttl(text: str, seconds: int) -> None:
 def test_parse_ttl_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_ttl(text)
+
+
+# --- the verified-token cache: a repeated token skips the signature check, nothing else ----------
+
+
+async def test_repeated_token_is_verified_once_but_its_times_are_checked_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    auth = Authenticator(SETTINGS, secret=SECRET, clock=clock)
+    decodes = 0
+    real = auth._jws.decode_complete
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        nonlocal decodes
+        decodes += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(auth._jws, "decode_complete", counting)
+    token = hs(claims(exp=int(NOW) + 60))
+    for _ in range(5):
+        assert (await auth.authenticate(bearer(token))).sub == "alice"
+    assert decodes == 1
+    tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    with pytest.raises(Unauthorized):
+        await auth.authenticate(bearer(tampered))
+    clock.now += 60 + SETTINGS.leeway_s + 1  # past exp and the leeway: the cached entry is refused
+    with pytest.raises(Unauthorized):
+        await auth.authenticate(bearer(token))
+    assert token not in auth._verified
+
+
+async def test_cached_token_refused_once_its_jwks_key_is_retired(rsa_key: rsa.RSAPrivateKey) -> None:
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    session, clock = FakeSession([jwk_of(rsa_key, "k1")]), Clock()
+    auth = await jwks_auth(session, clock)
+    try:
+        token = rs_token(rsa_key, "k1", clock)
+        assert (await auth.authenticate(bearer(token))).sub == "alice"
+        session.keys = [jwk_of(new_key, "k2")]
+        assert await auth._jwks.refresh()  # type: ignore[union-attr]  # the periodic refresh
+        with pytest.raises(Unauthorized):
+            await auth.authenticate(bearer(token))
+    finally:
+        await auth.close()
