@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.base import Backend
@@ -35,6 +36,7 @@ from proxy.auth import Authenticator, ensure_secret
 from proxy.cache import ResponseCache
 from proxy.embedding import build_embedder
 from proxy.guard import PolicyGuard
+from proxy.metrics import HttpMetrics
 from proxy.observability import Observer, configure_logging
 from proxy.pipeline import Call, Gateway, read_body
 from proxy.protocol import model_card
@@ -131,22 +133,27 @@ class Runtime:
         return members
 
 
-class RequestIdMiddleware:
-    """Pure ASGI: gives every request an id, binds it into log context, echoes `x-request-id`."""
+class EdgeMiddleware:
+    """Pure ASGI, outermost: gives every request an id (bound into the log context, echoed as
+    `x-request-id`) and observes the per-route HTTP metrics (not for /metrics itself)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, http: HttpMetrics) -> None:
+        self.app, self.http = app, http
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         rid = f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = rid
         raw = rid.encode()
+        status = 500  # what the client gets if the app ends without a response
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw)]
             await send(message)
 
@@ -155,6 +162,9 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
+            handler = self.http.handler(scope["path"])
+            if handler != "/metrics":
+                self.http.observe(handler, scope["method"], status, time.perf_counter() - started)
 
 
 def _error_response(exc: errors.GatewayError, extra: dict[str, str] | None = None) -> Response:
@@ -236,8 +246,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 
-    rt.observer.instrument(app)  # HTTP metrics, inside the request-id middleware
-    app.add_middleware(RequestIdMiddleware)
+    routes = (*(r.path.replace(":path", "") for r in app.routes if isinstance(r, Route)),)
+    app.add_middleware(EdgeMiddleware, http=rt.observer.http_metrics(routes))
     return app
 
 

@@ -28,6 +28,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
 _SPEED_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 _BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 _LABELS = ("model", "variant", "backend")
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 _Total = tuple[Counter, tuple[str, ...], float]  # a counter, its labels, a stage's running total
 
 
@@ -116,6 +117,54 @@ class RequestMetrics:
         if child is None:
             child = self._outcomes[key] = self.requests.labels(*key)
         child.inc()
+
+
+class HttpMetrics:
+    """Every HTTP request by route template (the names prometheus-fastapi-instrumentator used:
+    `http_requests_total{handler,method,status}` with status grouped as 2xx..5xx, and
+    `http_request_duration_seconds{handler,method}`). Observed by the edge middleware."""
+
+    def __init__(self, r: CollectorRegistry, routes: tuple[str, ...]) -> None:
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests by route and status class",
+            ("handler", "method", "status"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request duration by route (a stream: until its last byte)",
+            ("handler", "method"),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._exact = {path: path for path in routes if "{" not in path}
+        self._prefixes = [(path.split("{")[0], path) for path in routes if "{" in path]
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def handler(self, path: str) -> str:
+        """The route template for a path; "none" for a path no route serves (bounded labels)."""
+        found = self._exact.get(path)
+        if found is not None:
+            return found
+        for prefix, template in self._prefixes:
+            if path.startswith(prefix):
+                return template
+        return "none"
+
+    def observe(self, handler: str, method: str, status: int, seconds: float) -> None:
+        key = (handler, method, status)
+        pair = self._children.get(key)
+        if pair is None:
+            if len(self._children) > 1024:  # methods are client-chosen: keep the cache bounded
+                self._children.clear()
+            method = method if method in _METHODS else "other"
+            pair = self._children[key] = (
+                self.requests.labels(handler, method, f"{status // 100}xx"),
+                self.duration.labels(handler, method),
+            )
+        pair[0].inc()
+        pair[1].observe(seconds)
 
 
 class StateMetrics:

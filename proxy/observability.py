@@ -21,17 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-from prometheus_fastapi_instrumentator import Instrumentator
-from prometheus_fastapi_instrumentator import metrics as http_metrics
 
 from proxy import errors
 from proxy.experiments import ExperimentStore, Sample
-from proxy.metrics import MULTIPROC_ENV, RequestMetrics, StateMetrics, metrics_server
+from proxy.metrics import MULTIPROC_ENV, HttpMetrics, RequestMetrics, StateMetrics, metrics_server
 from proxy.settings import ObservabilitySettings
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
-
     from proxy.auth import Principal
     from proxy.pipeline import Call, Gateway
 
@@ -42,7 +38,7 @@ _SYNC_S = 1.0  # with several workers: how often each copies its state into the 
 def configure_logging(settings: ObservabilitySettings) -> None:
     """Called once per process before serving: JSON lines, or console output on a terminal.
     Standard-library records (guard, cache, limiter warnings) go through the same renderer and
-    carry the request id bound by RequestIdMiddleware, so every line of a request can be joined."""
+    carry the request id bound by the edge middleware, so every line of a request can be joined."""
     console = settings.log_format == "console" or (settings.log_format == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     level = getattr(logging, settings.log_level.upper())
@@ -100,13 +96,9 @@ class Observer:
         self._background: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
 
-    def instrument(self, app: Starlette) -> None:
-        """HTTP basics from prometheus-fastapi-instrumentator (pure ASGI) on the same registry;
-        its metrics are created here so /metrics lists them before the first request."""
-        inst = Instrumentator(excluded_handlers=["^/metrics$"], registry=self.registry)
-        default = http_metrics.default(registry=self.registry)
-        assert default is not None
-        inst.add(default).instrument(app)
+    def http_metrics(self, routes: tuple[str, ...]) -> HttpMetrics:
+        """Per-route HTTP metrics on the same registry (observed by the app's edge middleware)."""
+        return HttpMetrics(self.registry, routes)
 
     @property
     def experiments(self) -> ExperimentStore:
