@@ -1,21 +1,21 @@
 """Per-principal request and token limits, shared by every gateway process through Redis.
 
-Requests: `limits.aio`'s MovingWindowRateLimiter (an exact sliding log, one atomic Lua call), so N
-requests per rolling minute hold across processes with no boundary bursts, and the retry-after
-of a rejected request is exact: the moment the oldest request in the window leaves it.
+Requests: an exact sliding log per identity (N requests per rolling minute hold across processes
+with no boundary bursts; the retry-after of a refused request is the moment the request that keeps
+the log full leaves it). Tokens: a token bucket (capacity = tokens_per_minute, refilled
+continuously) that reserves `prompt + max_tokens` at admission and refunds or charges the
+difference at the end, and knows exactly when enough tokens are back.
 
-Tokens: a token bucket (proxy.token_bucket: capacity = tokens_per_minute, refilled continuously),
-one small Lua script on the same redis-py pool. limits has no reserve/refund: its counters take a
-negative cost only by accident, and a refund landing in a later window than its reservation skews
-both windows. The bucket reserves `prompt + max_tokens` at admission, refunds or charges the
-difference at the end (capped at capacity), and knows exactly when enough tokens are back.
+Both live in proxy.limit_store and are checked and charged together in one Lua script: one Redis
+round trip to admit, one to settle. (We used `limits.aio`'s moving window before: it needs a second
+call for the remaining-requests header and a third for the bucket, and its in-memory storage sorts
+in a worker thread on every hit; four round trips were half of a request's CPU.)
 
-limits and the script share one redis-py pool per process (redis-py measured faster than coredis
-under uvloop here). Every Redis socket operation runs under `redis_timeout_s` (waiting for a pooled
-connection has its own longer bound: that is local load, not Redis). A failing request gets the
-configured policy: fail_closed -> 503, fail_open -> per-process local limits under a per-process
-emergency cap. After 3 failures in a row Redis is skipped for a second, then one request probes;
-shared limits resume as soon as a probe succeeds.
+Every Redis socket operation runs under `redis_timeout_s` (waiting for a pooled connection has its
+own longer bound: that is local load, not Redis). A failing request gets the configured policy:
+fail_closed -> 503, fail_open -> per-process local limits under a per-process emergency cap. After
+3 failures in a row Redis is skipped for a second, then one request probes; shared limits resume
+as soon as a probe succeeds.
 """
 
 from __future__ import annotations
@@ -28,12 +28,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
-from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,8 +37,8 @@ from redis.exceptions import RedisError
 
 from proxy.auth import Principal
 from proxy.errors import RateLimited, ServiceUnavailable
+from proxy.limit_store import LimitStore, LocalLimitStore, RedisLimitStore, Verdict
 from proxy.settings import LimitSettings
-from proxy.token_bucket import Buckets, LocalBuckets, RedisBuckets
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +50,8 @@ _POOL_SIZE = 64
 
 def _acquire_timeout(settings: LimitSettings) -> float:
     return max(1.0, 10 * settings.redis_timeout_s)
+
+
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -69,21 +67,12 @@ class LimiterStats:
 
 @dataclass(frozen=True, slots=True)
 class _Tier:
-    item: RateLimitItem
+    requests: int  # per minute
     tokens: int  # bucket capacity
 
     @property
     def rate(self) -> float:
         return self.tokens / WINDOW_S
-
-
-@dataclass(frozen=True, slots=True)
-class _Store:
-    """One place limits are kept: shared (Redis) or local to this process (memory)."""
-
-    window: MovingWindowRateLimiter
-    buckets: Buckets
-    shared: bool
 
 
 class _EmergencyCap:
@@ -149,7 +138,7 @@ def _identity(principal: Principal) -> str:
 
 def _headers(tier: _Tier, req_left: int, req_reset: float, tokens: float) -> dict[str, str]:
     return {
-        "x-ratelimit-limit-requests": str(tier.item.amount),
+        "x-ratelimit-limit-requests": str(tier.requests),
         "x-ratelimit-remaining-requests": str(max(0, req_left)),
         "x-ratelimit-reset-requests": format_duration(req_reset),
         "x-ratelimit-limit-tokens": str(tier.tokens),
@@ -177,15 +166,13 @@ class RateLimiter:
     ) -> None:
         self._settings, self._clock, self._prefix = settings, clock, key_prefix
         self._tiers = {
-            name: _Tier(RateLimitItemPerMinute(t.requests_per_minute), t.tokens_per_minute)
-            for name, t in settings.tiers.items()
+            name: _Tier(t.requests_per_minute, t.tokens_per_minute) for name, t in settings.tiers.items()
         }
-        self._memory = MemoryStorage()
-        self._local = _Store(MovingWindowRateLimiter(self._memory), LocalBuckets(), shared=False)
+        self._local = LocalLimitStore()
         self._pool: aioredis.BlockingConnectionPool | None = None
-        # a whole admission: pool wait + three round trips, each bounded by the socket timeouts
-        self._deadline_s = _acquire_timeout(settings) + 4 * settings.redis_timeout_s
-        self._shared: _Store | None = None
+        # a whole admission: pool wait + one round trip (+ one retry), bounded by the socket timeouts
+        self._deadline_s = _acquire_timeout(settings) + 2 * settings.redis_timeout_s
+        self._shared: RedisLimitStore | None = None
         if redis_url:
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 redis_url,
@@ -201,12 +188,7 @@ class RateLimiter:
                 retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
             self._redis = aioredis.Redis(connection_pool=self._pool)
-            # limits uses our pool; the URI only names the storage kind
-            pool_option: dict[str, Any] = {"connection_pool": self._pool}
-            storage = RedisStorage(
-                "async+redis://", implementation="redispy", key_prefix=key_prefix, **pool_option
-            )
-            self._shared = _Store(MovingWindowRateLimiter(storage), RedisBuckets(self._redis), shared=True)
+            self._shared = RedisLimitStore(self._redis, key_prefix)
         self._emergency = _EmergencyCap(settings.emergency_requests_per_minute)
         self._down_until = 0.0
         self._probing = False
@@ -235,8 +217,6 @@ class RateLimiter:
     async def close(self) -> None:
         if self._pending:
             await asyncio.wait(self._pending, timeout=1.0)
-        if self._memory.timer is not None:
-            self._memory.timer.cancel()
         if self._pool is not None:
             await self._redis.aclose()
             await self._pool.aclose()
@@ -275,29 +255,22 @@ class RateLimiter:
         return await self._degraded(tier, ident, cost)
 
     async def _admit(
-        self, store: _Store, tier: _Tier, ident: str, cost: int, *, degraded: bool = False
+        self, store: LimitStore, tier: _Tier, ident: str, cost: int, *, degraded: bool = False
     ) -> Admission:
-        key, now = f"{self._prefix}:tok:{ident}", self._clock()
-        if not await store.window.hit(tier.item, ident):
-            window, (_, tokens) = await asyncio.gather(
-                store.window.get_window_stats(tier.item, ident),
-                store.buckets.take(key, tier.tokens, tier.rate, 0, now),
-            )
-            wait = window.reset_time - time.time()  # limits' moving window reads the wall clock itself
+        now = self._clock()
+        v: Verdict = await store.admit(ident, tier.requests, WINDOW_S, tier.tokens, tier.rate, cost, now)
+        if not v.requests_ok:
+            wait = v.blocking + WINDOW_S - now
             self.stats.rejected["requests"] += 1
             raise _rejection(
-                f"Rate limit reached for requests per minute (RPM): Limit {tier.item.amount}. "
+                f"Rate limit reached for requests per minute (RPM): Limit {tier.requests}. "
                 f"Please try again in {format_duration(wait)}.",
-                _headers(tier, 0, wait, tokens),
+                _headers(tier, 0, wait, v.tokens),
                 wait,
             )
-        window, (ok, tokens) = await asyncio.gather(
-            store.window.get_window_stats(tier.item, ident),
-            store.buckets.take(key, tier.tokens, tier.rate, cost, now),
-        )
-        headers = _headers(tier, window.remaining, window.reset_time - time.time(), tokens)
-        if not ok:
-            wait = (cost - tokens) / tier.rate
+        headers = _headers(tier, tier.requests - v.in_window, v.oldest + WINDOW_S - now, v.tokens)
+        if not v.tokens_ok:
+            wait = (cost - v.tokens) / tier.rate
             self.stats.rejected["tokens"] += 1
             raise _rejection(
                 f"Rate limit reached for tokens per minute (TPM): Limit {tier.tokens}, "
@@ -306,7 +279,7 @@ class RateLimiter:
                 wait,
             )
         return Admission(
-            headers, cost, lambda delta: self._settle(store, key, tier, delta), degraded=degraded
+            headers, cost, lambda delta: self._settle(store, ident, tier, delta), degraded=degraded
         )
 
     async def _degraded(self, tier: _Tier, ident: str, cost: int) -> Admission:
@@ -327,20 +300,22 @@ class RateLimiter:
         self.stats.degraded_admits += 1
         return await self._admit(self._local, tier, ident, cost, degraded=True)
 
-    async def _settle(self, store: _Store, key: str, tier: _Tier, delta: int) -> None:
+    async def _settle(self, store: LimitStore, ident: str, tier: _Tier, delta: int) -> None:
         if not store.shared:
-            await store.buckets.adjust(key, tier.tokens, tier.rate, delta, self._clock())
+            await store.adjust(ident, tier.tokens, tier.rate, delta, self._clock())
             return
         # A task of our own, so that a cancelled caller (client gone) cannot cut the refund short.
-        task = asyncio.create_task(self._settle_shared(store, key, tier, delta, self._clock()))
+        task = asyncio.create_task(self._settle_shared(store, ident, tier, delta, self._clock()))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         await asyncio.shield(task)
 
-    async def _settle_shared(self, store: _Store, key: str, tier: _Tier, delta: int, now: float) -> None:
+    async def _settle_shared(
+        self, store: LimitStore, ident: str, tier: _Tier, delta: int, now: float
+    ) -> None:
         try:
             async with asyncio.timeout(self._deadline_s):
-                await store.buckets.adjust(key, tier.tokens, tier.rate, delta, now)
+                await store.adjust(ident, tier.tokens, tier.rate, delta, now)
         except _REDIS_ERRORS as exc:
             self.stats.settle_errors += 1
             self._mark_down(exc)

@@ -426,3 +426,51 @@ def test_format_duration() -> None:
     cases |= {86.4: "1m26.4s", 3723.5: "1h2m3.5s", 0.0001: "1ms"}
     for seconds, text in cases.items():
         assert format_duration(seconds) == text, seconds
+
+
+async def test_a_token_refusal_spends_no_request_slot(make: Any) -> None:
+    clock = FrozenClock()
+    limiter = await make(limits(rpm=2, tpm=100), clock=clock)
+    who = principal()
+    await limiter.admit(who, 90)
+    for _ in range(3):  # refused for tokens: neither the log nor the bucket is charged
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit(who, 50)
+        assert "tokens per minute" in info.value.message
+        assert info.value.headers["x-ratelimit-remaining-requests"] == "1"
+    admitted = await limiter.admit(who, 10)
+    assert admitted.headers["x-ratelimit-remaining-requests"] == "0"
+    assert admitted.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_redis_and_memory_stores_agree_step_by_step(prefix: str) -> None:
+    """The Lua script and its in-process twin: the same verdicts for the same steps and clock."""
+    import random
+
+    from proxy.limit_store import LocalLimitStore, RedisLimitStore
+
+    client = aioredis.Redis.from_url(REDIS)
+    stores = (RedisLimitStore(client, prefix), LocalLimitStore())
+    rng = random.Random(7)
+    now = 1_000_000.0
+    try:
+        for step in range(400):
+            now += rng.choice((0.0, 0.25, 1.5, 7.0, 31.0))
+            ident = f"id{rng.randrange(3)}"
+            if rng.random() < 0.2:
+                delta = rng.randrange(-60, 60)
+                for store in stores:
+                    await store.adjust(ident, 200, 200 / 60, delta, now)
+                continue
+            cost = rng.randrange(0, 120)
+            shared, local = [await s.admit(ident, 5, 60.0, 200, 200 / 60, cost, now) for s in stores]
+            assert (shared.requests_ok, shared.tokens_ok, shared.in_window) == (
+                local.requests_ok,
+                local.tokens_ok,
+                local.in_window,
+            ), step
+            for a, b in ((shared.oldest, local.oldest), (shared.blocking, local.blocking)):
+                assert a == pytest.approx(b, abs=1e-3), step
+            assert shared.tokens == pytest.approx(local.tokens, abs=1e-6), step
+    finally:
+        await client.aclose()

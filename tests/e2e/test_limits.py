@@ -241,7 +241,7 @@ def _bucket_tokens(sub: str) -> float | None:
     """The shared token bucket's stored level for (tenant=sub, sub); None when it is full (deleted)."""
     principal = Principal(sub=sub, tenant=sub, tier="tok", allowed_models=None, claims={})
     with redis.Redis.from_url(REDIS_URL) as r:
-        value = r.hget(f"llmgw:rl:tok:{_identity(principal)}", "t")
+        value = r.hget(f"llmgw:rl:{{{_identity(principal)}}}:tok", "t")
     return None if value is None else float(value)
 
 
