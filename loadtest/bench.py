@@ -30,10 +30,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+import uvloop
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from loadtest import openloop  # noqa: E402
+
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 
 
@@ -110,51 +113,17 @@ def _body(i: int, stream: bool, model: str = "assistant", **extra: Any) -> bytes
     )
 
 
-async def _one(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], i: int, stream: bool
-) -> float:
-    start = time.perf_counter()
-    model = headers.get("x-bench-model", "assistant")
-    async with session.post(url, data=_body(i, stream, model), headers=headers) as r:
-        if r.status != 200:
-            raise RuntimeError(f"status {r.status}: {(await r.read())[:200]!r}")
-        if stream:
-            async for line in r.content:
-                if line.startswith(b"data: {") and b'"content"' in line:
-                    first = time.perf_counter() - start
-                    await r.read()
-                    return first
-            raise RuntimeError("stream had no content")
-        await r.read()
-    return time.perf_counter() - start
-
-
 async def open_loop(
     url: str, headers: dict[str, str], rate: float, seconds: float, stream: bool
 ) -> list[float]:
-    """Send at a fixed rate regardless of answers (no coordinated omission); returns latencies."""
-    conn = aiohttp.TCPConnector(limit=2000)
-    results: list[float] = []
-    errors = 0
-    async with aiohttp.ClientSession(connector=conn) as session:
-        for i in range(50):  # warm-up
-            await _one(session, url, headers, i, stream)
-        tasks = []
-        start = time.perf_counter()
-        n = int(rate * seconds)
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, url, headers, i, stream)))
-        for t in tasks:
-            try:
-                results.append(await t)
-            except Exception:
-                errors += 1
-    if errors:
-        print(f"    ({errors} errors)")
-    return results
+    """Fixed-rate load (loadtest/openloop.py); returns latencies, or times to first token for streams."""
+    model = headers.get("x-bench-model", "assistant")
+    bodies = [_body(i, stream, model) for i in range(1000)]
+    sent = {k: v for k, v in headers.items() if k != "x-bench-model"}
+    result = await openloop.run(url, bodies, sent, rate, seconds)
+    if result.errors:
+        print(f"    ({result.errors} errors)")
+    return result.ttfts if stream else result.latencies
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -259,7 +228,8 @@ def main() -> None:
     args = parser.parse_args()
     procs, sim_port, gw_port = start_services(args)
     try:
-        asyncio.run(measure(args, sim_port, gw_port))
+        os.sched_setaffinity(0, {1})  # the load generator shares core 1 with the simulator
+        uvloop.run(measure(args, sim_port, gw_port))
     finally:
         for p in procs:
             p.terminate()
