@@ -14,6 +14,7 @@ from proxy.settings import ObservabilitySettings
 
 Fields = dict[str, float]
 _READ_BATCH = 500
+_WRITE_BATCH = 500
 
 
 class AbBackend(Protocol):
@@ -121,6 +122,21 @@ return 1
 """
 
 
+# KEYS: one record key per completion id. ARGV: ttl, then per key: n, then n field/value pairs.
+# A reused id starts over (no stale score).
+_REMEMBER_LUA = """
+local ttl, at = ARGV[1], 2
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[at])
+  redis.call('DEL', key)
+  redis.call('HSET', key, unpack(ARGV, at + 1, at + 2 * n))
+  redis.call('EXPIRE', key, ttl)
+  at = at + 2 * n + 1
+end
+return #KEYS
+"""
+
+
 class RedisBackend:
     """The layout in Redis; this object owns its connection pool."""
 
@@ -132,6 +148,7 @@ class RedisBackend:
         )
         self._redis = aioredis.Redis(connection_pool=self._pool, decode_responses=False)
         self._rate_script = self._redis.register_script(_RATE_LUA)
+        self._remember_script = self._redis.register_script(_REMEMBER_LUA)
 
     def minute_key(self, minute: int) -> str:
         return f"{self._prefix}:m:{minute}"
@@ -163,13 +180,18 @@ class RedisBackend:
         return out
 
     async def remember_many(self, records: dict[str, dict[str, str]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)  # one round trip for a flush interval's ids
-        for cid, record in records.items():
-            key = self._cid_key(cid)
-            pipe.delete(key)  # a reused id starts over: no stale score
-            pipe.hset(key, mapping=dict(record.items()))
-            pipe.expire(key, self._settings.feedback_ttl_s)
-        await pipe.execute()
+        """One script call per _WRITE_BATCH ids (one command to pack instead of three per id;
+        batches keep each call short, so Redis never stalls the limiter behind a big flush)."""
+        items = list(records.items())
+        for start in range(0, len(items), _WRITE_BATCH):
+            keys: list[str] = []
+            args: list[str | int] = [self._settings.feedback_ttl_s]
+            for cid, record in items[start : start + _WRITE_BATCH]:
+                keys.append(self._cid_key(cid))
+                args.append(len(record))
+                for item in record.items():
+                    args.extend(item)
+            await self._remember_script(keys=keys, args=args)
 
     async def lookup(self, cid: str) -> dict[str, str] | None:
         raw = await self._redis.hgetall(self._cid_key(cid))
