@@ -62,7 +62,7 @@ def _config(sim_url: str, features: str, redis_url: str) -> dict[str, Any]:
             "input": "block" if policies else "off",
             "output": "mask" if policies else "off",
         },
-        "observability": {"log_level": "warning", "log_format": "json"},
+        "observability": {"log_level": "info", "log_format": "json"},  # the per-request line is paid
         "backends": {"gpu": {"type": "vllm", "url": sim_url, "model": "sim-model", "health_interval_s": 5}},
         "models": {"assistant": {"variants": [{"name": "control", "weight": 1, "backends": ["gpu"]}]}},
     }

@@ -19,6 +19,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
@@ -35,12 +36,19 @@ _HITS = frozenset({"hit", "semantic-hit"})
 _SYNC_S = 1.0  # with several workers: how often each copies its state into the shared files
 
 
+def _json_line(event: dict[str, Any], **_kw: Any) -> str:
+    """orjson instead of json.dumps (a third of the log line's cost); anything else via str()."""
+    return orjson.dumps(event, default=str).decode()
+
+
 def configure_logging(settings: ObservabilitySettings) -> None:
     """Called once per process before serving: JSON lines, or console output on a terminal.
     Standard-library records (guard, cache, limiter warnings) go through the same renderer and
     carry the request id bound by the edge middleware, so every line of a request can be joined."""
     console = settings.log_format == "console" or (settings.log_format == "auto" and sys.stderr.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer(_json_line)
+    )
     level = getattr(logging, settings.log_level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
