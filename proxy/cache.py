@@ -237,24 +237,29 @@ class ResponseCache:
     async def close(self) -> None:
         await self._store.close()
 
+    def redis_key(self, key: str) -> str | None:
+        """Where the exact entry for `key` (exact_key()) lives in Redis; None without Redis.
+        The rate limiter checks it in its own round trip: a request with a cached answer is free."""
+        return self._store.redis_key(key) if isinstance(self._store, RedisStore) else None
+
     async def lookup(self, scope: CacheScope, req: ChatRequest) -> CachedAnswer | None:
         return (await self.fetch(scope, req)).answer
 
-    async def fetch(self, scope: CacheScope, req: ChatRequest) -> CacheResult:
-        """Like lookup(), with the status for the x-gateway-cache header. Never raises."""
+    async def fetch(self, scope: CacheScope, req: ChatRequest, key: str | None = None) -> CacheResult:
+        """Like lookup(), with the status for the x-gateway-cache header. Never raises.
+        `key`: exact_key(scope, req) when the caller already has it."""
         if self._clock() < self._resume_at:
             self.stats.bypass_errors += 1
             return CacheResult(None, "bypass")
         try:
-            result = await self._fetch(scope, req)
+            result = await self._fetch(scope, req, key or exact_key(scope, req))
         except Exception as exc:  # Redis, index, embedder: the cache steps aside, the request goes on
             self._failed(exc, "lookup")
             return CacheResult(None, "bypass")
         self._failures = 0
         return result
 
-    async def _fetch(self, scope: CacheScope, req: ChatRequest) -> CacheResult:
-        key = exact_key(scope, req)
+    async def _fetch(self, scope: CacheScope, req: ChatRequest, key: str) -> CacheResult:
         async with asyncio.timeout(self._timeout_s):
             raw = await self._store.get(key)
         if raw is not None:
@@ -284,13 +289,15 @@ class ResponseCache:
         self.stats.misses += 1
         return CacheResult(None, "miss")
 
-    async def store(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer) -> None:
+    async def store(
+        self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer, key: str | None = None
+    ) -> None:
         """Store a complete answer (with usage). Never raises; anything else is skipped."""
         if self._clock() < self._resume_at:
             self.stats.store_errors += 1
             return
         try:
-            await self._put(scope, req, answer)
+            await self._put(scope, req, answer, key or exact_key(scope, req))
         except Exception as exc:
             self._failed(exc, "store")
 
@@ -306,8 +313,7 @@ class ResponseCache:
             self._failures = 0
         log.warning("cache %s bypassed: %r", what, exc)
 
-    async def _put(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer) -> None:
-        key = exact_key(scope, req)
+    async def _put(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer, key: str) -> None:
         vector = self._pending_vectors.pop(key, None)
         payload = encode(answer)
         if not is_complete(answer) or orjson.loads(payload)["usage"] is None:

@@ -65,6 +65,15 @@ class SearchModuleMissing(RuntimeError):
     pass
 
 
+# KEYS[1]: the entry. ARGV: ttl, then field/value pairs. One atomic step: a later exact-only store
+# must not keep a stale vector, so the old entry goes first.
+_PUT = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+"""
+
+
 class RedisStore:
     def __init__(self, url: str, *, prefix: str, timeout_s: float, max_connections: int = 64) -> None:
         self._url, self._prefix, self._timeout_s = url, prefix, timeout_s
@@ -73,6 +82,7 @@ class RedisStore:
         self._redis: aioredis.Redis | None = None
         self._index, self._dim = "", 0
         self._ready, self._retry_at = False, 0.0
+        self._put_script: Any = None
 
     async def start(self, dim: int | None) -> None:
         """Connect; with `dim`, create or verify the vector index (needs the Redis query engine)."""
@@ -85,6 +95,7 @@ class RedisStore:
             protocol=2,  # FT.SEARCH replies are parsed below in their RESP2 (flat list) form
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._put_script = self._redis.register_script(_PUT)
         if dim is None:
             return
         self._index, self._dim = f"{self._prefix}:idx:{dim}", dim
@@ -144,7 +155,7 @@ class RedisStore:
         return self._redis
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._client().hget(self._key(key), "answer")
+        value = await self._client().hget(self.redis_key(key), "answer")
         return value if isinstance(value, bytes) or value is None else str(value).encode()
 
     async def put(self, key: str, answer: bytes, ttl_s: int, semantic: SemanticEntry | None) -> None:
@@ -152,11 +163,10 @@ class RedisStore:
         if semantic is not None and await self._index_ready():
             fields |= {"vec": semantic.vector.astype(np.float32).tobytes(), "part": semantic.part}
             fields["text"] = semantic.text.encode()
-        async with self._client().pipeline(transaction=True) as pipe:
-            pipe.delete(self._key(key))  # a later exact-only store must not keep a stale vector
-            pipe.hset(self._key(key), mapping=fields)
-            pipe.expire(self._key(key), ttl_s)
-            await pipe.execute()
+        args: list[Any] = [ttl_s]
+        for item in fields.items():
+            args.extend(item)
+        await self._put_script(keys=[self.redis_key(key)], args=args)
 
     async def nearest(self, part: str, vector: np.ndarray, k: int) -> list[Candidate]:
         if not await self._index_ready():
@@ -182,7 +192,7 @@ class RedisStore:
             "SORTBY", "dist", "RETURN", "3", "dist", "text", "answer", "LIMIT", "0", str(k), "DIALECT", "2",
         )  # fmt: skip
 
-    def _key(self, key: str) -> str:
+    def redis_key(self, key: str) -> str:
         return f"{self._prefix}:e:{key}"
 
 

@@ -133,4 +133,3 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             "The request body was not received in time.", code="body_timeout"
         ) from None
     return b"".join(parts)
-

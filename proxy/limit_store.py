@@ -31,6 +31,7 @@ class Verdict:
     oldest: float  # when the oldest request in the window was admitted (now when there is none)
     blocking: float  # when the request that keeps the log full was admitted (refusals: retry-after)
     tokens: float  # the bucket after this step
+    free: bool = False  # the `free_if` key existed: no tokens were reserved
 
     @property
     def admitted(self) -> bool:
@@ -41,7 +42,15 @@ class LimitStore(Protocol):
     shared: bool
 
     async def admit(
-        self, ident: str, limit: int, window_s: float, cap: int, rate: float, cost: int, now: float
+        self,
+        ident: str,
+        limit: int,
+        window_s: float,
+        cap: int,
+        rate: float,
+        cost: int,
+        now: float,
+        free_if: str | None = None,
     ) -> Verdict: ...
 
     async def adjust(self, ident: str, cap: int, rate: float, delta: int, now: float) -> None: ...
@@ -63,13 +72,16 @@ else
   redis.call('PEXPIRE', KEYS[2], math.ceil((cap - tokens) / rate * 1000) + 1000)
 end
 """
-# KEYS: request log (sorted set scored by admission time), token bucket (hash {t, ts}).
+# KEYS: request log (sorted set scored by admission time), token bucket (hash {t, ts}), and
+# optionally a key whose existence makes the request free of tokens (its answer is cached).
 # ARGV: now, window_s, limit, member (unique), cap, refill/s, cost.
-# Returns {requests_ok, tokens_ok, in_window, oldest, blocking, tokens}.
+# Returns {requests_ok, tokens_ok, in_window, oldest, blocking, tokens, free}.
 _ADMIT = (
     """
 local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cap, rate, cost = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local free = 0
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then cost, free = 0, 1 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local count = redis.call('ZCARD', KEYS[1])
 """
@@ -81,10 +93,10 @@ local function score_at(i)
   return tostring(now)
 end
 if count >= limit then
-  return {0, 1, count, score_at(0), score_at(count - limit), tostring(tokens)}
+  return {0, 1, count, score_at(0), score_at(count - limit), tostring(tokens), free}
 end
-if cost > tokens then
-  return {1, 0, count, score_at(0), tostring(now), tostring(tokens)}
+if free == 0 and cost > tokens then
+  return {1, 0, count, score_at(0), tostring(now), tostring(tokens), free}
 end
 tokens = tokens - cost
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
@@ -92,7 +104,7 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
 """
     + _SAVE
     + """
-return {1, 1, count + 1, score_at(0), tostring(now), tostring(tokens)}
+return {1, 1, count + 1, score_at(0), tostring(now), tostring(tokens), free}
 """
 )
 # KEYS: request log (unused), token bucket. ARGV: cap, refill/s, now, delta (negative: refund).
@@ -123,13 +135,26 @@ class RedisLimitStore:
         return [f"{self._prefix}:{{{ident}}}:req", f"{self._prefix}:{{{ident}}}:tok"]
 
     async def admit(
-        self, ident: str, limit: int, window_s: float, cap: int, rate: float, cost: int, now: float
+        self,
+        ident: str,
+        limit: int,
+        window_s: float,
+        cap: int,
+        rate: float,
+        cost: int,
+        now: float,
+        free_if: str | None = None,
     ) -> Verdict:
         member = f"{self._tag}:{next(self._seq)}"
-        req_ok, tok_ok, count, oldest, blocking, tokens = await self._admit(
-            keys=self.keys(ident), args=[now, window_s, limit, member, cap, rate, cost]
+        keys = self.keys(ident)
+        if free_if is not None:
+            keys.append(free_if)
+        req_ok, tok_ok, count, oldest, blocking, tokens, free = await self._admit(
+            keys=keys, args=[now, window_s, limit, member, cap, rate, cost]
         )
-        return Verdict(bool(req_ok), bool(tok_ok), int(count), float(oldest), float(blocking), float(tokens))
+        return Verdict(
+            bool(req_ok), bool(tok_ok), int(count), float(oldest), float(blocking), float(tokens), bool(free)
+        )
 
     async def adjust(self, ident: str, cap: int, rate: float, delta: int, now: float) -> None:
         await self._adjust(keys=self.keys(ident), args=[cap, rate, now, delta])
@@ -155,7 +180,15 @@ class LocalLimitStore:
         _bounded_set(self._buckets, ident, (tokens, now))
 
     async def admit(
-        self, ident: str, limit: int, window_s: float, cap: int, rate: float, cost: int, now: float
+        self,
+        ident: str,
+        limit: int,
+        window_s: float,
+        cap: int,
+        rate: float,
+        cost: int,
+        now: float,
+        free_if: str | None = None,  # a Redis key: never set without Redis
     ) -> Verdict:
         log = self._logs.get(ident)
         if log is None:

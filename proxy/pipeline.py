@@ -28,6 +28,7 @@ from proxy.cache import (
     CacheScope,
     ResponseCache,
     decide,
+    exact_key,
     replay_chunks,
     replay_completion,
 )
@@ -87,6 +88,7 @@ class Prepared:
     scope: CacheScope
     decision: CacheDecision
     admission: Admission
+    key: str | None  # the exact cache key, when the cache is read or written
 
 
 class Gateway:
@@ -130,7 +132,7 @@ class Gateway:
         prep = await self._prepare(request, raw, call)
         try:
             if prep.decision.read:
-                found = await self.cache.fetch(prep.scope, prep.req)  # never raises: bypass on failure
+                found = await self.cache.fetch(prep.scope, prep.req, prep.key)  # bypass on failure
                 if found.answer is not None:
                     return self._serve_hit(found.answer, prep, call)
                 call.cache = found.status
@@ -165,10 +167,6 @@ class Gateway:
         variant = experiment.choose(key)
         call.variant = variant.name
         body = apply_variant(req.upstream_body(), variant)
-        call.prompt_tokens = estimate_prompt_tokens(body["messages"])
-        reserve = call.prompt_tokens + (req.completion_budget or DEFAULT_COMPLETION_RESERVE)
-        admission = await self.limiter.admit(principal, reserve)
-        call.headers.update(admission.headers)
         try:
             if len(raw) > OFF_LOOP_SCAN_BYTES:  # ~40 ms per MB: keep big scans off the event loop
                 body, action = await asyncio.to_thread(self.guard.check_input, body)
@@ -176,7 +174,6 @@ class Gateway:
                 body, action = self.guard.check_input(body)
         except errors.ContentFiltered:
             call.policy.append("input:block")
-            await admission.settle(0)
             raise
         if action:
             call.policy.append(f"input:{action}")
@@ -185,7 +182,13 @@ class Gateway:
         decision = decide(req, request.headers, experiment.settings, self.settings.cache)
         if action == "mask":
             decision = CacheDecision(read=False, write=False, reason="policy_mask")
-        return Prepared(req, body, variant, scope, decision, admission)
+        cache_key = exact_key(scope, req) if decision.read or decision.write else None
+        call.prompt_tokens = estimate_prompt_tokens(body["messages"])
+        reserve = call.prompt_tokens + (req.completion_budget or DEFAULT_COMPLETION_RESERVE)
+        free_if = self.cache.redis_key(cache_key) if cache_key is not None and decision.read else None
+        admission = await self.limiter.admit(principal, reserve, free_if=free_if)
+        call.headers.update(admission.headers)
+        return Prepared(req, body, variant, scope, decision, admission, cache_key)
 
     # -- cache hit --------------------------------------------------------------------------------
     def _serve_hit(self, hit: CachedAnswer, prep: Prepared, call: Call) -> Response:
@@ -262,7 +265,8 @@ class Gateway:
         call.completion_tokens = int(usage.get("completion_tokens", 0))
         filtered = self._filter_output(completion, call)
         if prep.decision.write and _complete_choices(filtered):  # a blocked answer ends in content_filter
-            self._spawn(self.cache.store(prep.scope, prep.req, CachedAnswer("hit", None, filtered)))
+            answer = CachedAnswer("hit", None, filtered)
+            self._spawn(self.cache.store(prep.scope, prep.req, answer, prep.key))
         self._spawn(prep.admission.settle(call.prompt_tokens + call.completion_tokens))
         return self._json(filtered, call)
 
@@ -324,7 +328,7 @@ class Gateway:
             call.prompt_tokens = int(tap.usage.get("prompt_tokens", call.prompt_tokens))
         if tap.complete and not tap.blocked and prep.decision.write and call.status == 200:
             answer = CachedAnswer("hit", tap.chunks, None, usage=self._final_usage(tap, call))
-            self._spawn(self.cache.store(prep.scope, prep.req, answer))
+            self._spawn(self.cache.store(prep.scope, prep.req, answer, prep.key))
         self._spawn(prep.admission.settle(call.prompt_tokens + call.completion_tokens))
         self.observer.finish(call)
 

@@ -221,8 +221,12 @@ class RateLimiter:
             await self._redis.aclose()
             await self._pool.aclose()
 
-    async def admit(self, principal: Principal, reserve_tokens: int) -> Admission:
-        """Count one request and reserve `reserve_tokens`; raises RateLimited or ServiceUnavailable."""
+    async def admit(
+        self, principal: Principal, reserve_tokens: int, *, free_if: str | None = None
+    ) -> Admission:
+        """Count one request and reserve `reserve_tokens`; raises RateLimited or ServiceUnavailable.
+        `free_if`: a Redis key (a cached answer) whose existence makes the request cost no tokens;
+        it is checked in the same round trip, so a cache hit needs no refund afterwards."""
         tier = self._tiers.get(principal.tier) or self._tiers["default"]
         ident, cost = _identity(principal), max(0, reserve_tokens)
         if cost > tier.tokens:
@@ -240,7 +244,7 @@ class RateLimiter:
             probe = bool(self._down_until)  # only the one probing request gets here while Redis is down
             try:
                 async with asyncio.timeout(self._deadline_s):  # safety net; sockets time out first
-                    admission = await self._admit(shared, tier, ident, cost)
+                    admission = await self._admit(shared, tier, ident, cost, free_if=free_if)
             except RateLimited:
                 self._mark_up()
                 raise
@@ -255,10 +259,21 @@ class RateLimiter:
         return await self._degraded(tier, ident, cost)
 
     async def _admit(
-        self, store: LimitStore, tier: _Tier, ident: str, cost: int, *, degraded: bool = False
+        self,
+        store: LimitStore,
+        tier: _Tier,
+        ident: str,
+        cost: int,
+        *,
+        degraded: bool = False,
+        free_if: str | None = None,
     ) -> Admission:
         now = self._clock()
-        v: Verdict = await store.admit(ident, tier.requests, WINDOW_S, tier.tokens, tier.rate, cost, now)
+        v: Verdict = await store.admit(
+            ident, tier.requests, WINDOW_S, tier.tokens, tier.rate, cost, now, free_if
+        )
+        if v.free:
+            cost = 0
         if not v.requests_ok:
             wait = v.blocking + WINDOW_S - now
             self.stats.rejected["requests"] += 1

@@ -474,3 +474,24 @@ async def test_redis_and_memory_stores_agree_step_by_step(prefix: str) -> None:
             assert shared.tokens == pytest.approx(local.tokens, abs=1e-6), step
     finally:
         await client.aclose()
+
+
+async def test_a_request_whose_answer_is_cached_reserves_no_tokens(make: Any, prefix: str) -> None:
+    clock = FrozenClock()
+    limiter = await make(limits(rpm=10, tpm=1000), clock=clock)
+    who = principal()
+    cached, absent = f"{prefix}:cached-answer", f"{prefix}:no-such-answer"
+    client = aioredis.Redis.from_url(REDIS)
+    try:
+        await client.set(cached, b"answer")
+        hit = await limiter.admit(who, 300, free_if=cached)
+        assert hit.reserved == 0 and hit.headers["x-ratelimit-remaining-tokens"] == "1000"
+        assert hit.headers["x-ratelimit-remaining-requests"] == "9"  # a hit still spends a request
+        miss = await limiter.admit(who, 300, free_if=absent)
+        assert miss.reserved == 300 and miss.headers["x-ratelimit-remaining-tokens"] == "700"
+        await miss.settle(1300)  # an overshoot leaves the bucket 600 in debt
+        with pytest.raises(RateLimited):
+            await limiter.admit(who, 1, free_if=absent)
+        assert (await limiter.admit(who, 1, free_if=cached)).reserved == 0  # free even in debt
+    finally:
+        await client.aclose()
