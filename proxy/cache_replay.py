@@ -25,6 +25,7 @@ class CachedAnswer:
     chunks: list[dict[str, Any]] | None
     completion: dict[str, Any] | None
     usage: dict[str, Any] | None = None
+    policy: str | None = None  # the output check it passed (PolicyGuard.output_stamp), if any
 
 
 def is_complete(answer: CachedAnswer) -> bool:
@@ -46,12 +47,14 @@ def encode(answer: CachedAnswer) -> bytes:
     if answer.chunks is not None:  # the usage-only chunk is dropped; usage is kept aside
         chunks = [{k: v for k, v in c.items() if k != "usage"} for c in answer.chunks if c.get("choices")]
     usage = answer.usage or (answer.completion or {}).get("usage") or _chunk_usage(answer.chunks or [])
-    return orjson.dumps({"v": 1, "chunks": chunks, "completion": answer.completion, "usage": usage})
+    return orjson.dumps(
+        {"v": 1, "chunks": chunks, "completion": answer.completion, "usage": usage, "policy": answer.policy}
+    )
 
 
 def decode(raw: bytes, layer: Literal["hit", "semantic-hit"]) -> CachedAnswer:
     data = orjson.loads(raw)
-    return CachedAnswer(layer, data["chunks"], data["completion"], data["usage"])
+    return CachedAnswer(layer, data["chunks"], data["completion"], data["usage"], data.get("policy"))
 
 
 def _chunk_usage(chunks: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ class PolicyGuard:
         self.counts: Counter[tuple[str, str]] = Counter()
         self.reloads = 0
         self.reload_errors = 0
+        self.output_stamp: str | None = None  # identifies the output check in force (see output_checked)
 
     @property
     def matcher(self) -> Matcher:
@@ -55,7 +57,7 @@ class PolicyGuard:
 
     async def start(self) -> None:
         """Load the lists (a missing or broken file is a ConfigError), then watch them."""
-        self._matcher, self._stamps = await asyncio.to_thread(self._load)
+        self._matcher, self._stamps, self.output_stamp = await asyncio.to_thread(self._load)
         self._task = asyncio.create_task(self._watch(), name="policy-reload")
         if threading.current_thread() is threading.main_thread():
             loop = asyncio.get_running_loop()
@@ -76,13 +78,13 @@ class PolicyGuard:
     async def reload_now(self) -> bool:
         """Rebuild from the files and swap; on any error keep the old lists. True if swapped."""
         try:
-            matcher, stamps = await asyncio.to_thread(self._load)
+            matcher, stamps, output_stamp = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             self.reload_errors += 1
             self._stamps = await asyncio.to_thread(self._stat_all)  # don't retry until it changes again
             log.error("word lists not reloaded, keeping the previous ones: %s", exc)
             return False
-        self._matcher, self._stamps = matcher, stamps
+        self._matcher, self._stamps, self.output_stamp = matcher, stamps, output_stamp
         self.reloads += 1
         log.info("word lists reloaded: %d entries", matcher.words)
         return True
@@ -124,7 +126,7 @@ class PolicyGuard:
                 stamps[path] = None
         return stamps
 
-    def _load(self) -> tuple[Matcher, dict[str, FileStamp | None]]:
+    def _load(self) -> tuple[Matcher, dict[str, FileStamp | None], str]:
         stamps = self._stat_all()
         texts = []
         for path in self._settings.words:
@@ -141,7 +143,21 @@ class PolicyGuard:
             )
         except (WordListError, ImportError) as exc:
             raise ConfigError(f"word lists: {exc}") from None
-        return matcher, stamps
+        return matcher, stamps, self._output_digest(texts)
+
+    def _output_digest(self, texts: list[str]) -> str:
+        """What the output check depends on: action, matching options and the lists' contents.
+        Equal on every replica that loads the same lists (the cache is shared between them)."""
+        s = self._settings
+        digest = hashlib.sha256(f"{s.output}|{s.max_gap}|{s.pinyin}".encode())
+        for text in texts:
+            digest.update(b"\0" + text.encode())
+        return digest.hexdigest()[:24]
+
+    def output_checked(self, stamp: str | None) -> bool:
+        """True when an answer checked under `stamp` needs no new output check: the output policy
+        and the word lists are what they were then (a cached answer is stored already filtered)."""
+        return stamp is not None and stamp == self.output_stamp
 
     def check_input(self, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         """Apply the input action. Returns the (possibly masked) body and the action taken, or

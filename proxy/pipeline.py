@@ -199,15 +199,18 @@ class Gateway:
         self._set_route_headers(call)
         if prep.req.stream:
             chunks = replay_chunks(hit, include_usage=prep.req.include_usage, **common)
-            return SSEResponse(self._replay(chunks, prep, call), call.headers)
+            filt = None if self.guard.output_checked(hit.policy) else self.guard.stream_filter()
+            return SSEResponse(self._replay(chunks, filt, prep, call), call.headers)
         completion = replay_completion(hit, **common)
-        completion = self._filter_output(completion, call)
+        if not self.guard.output_checked(hit.policy):  # stored filtered: re-check only if lists changed
+            completion = self._filter_output(completion, call)
         call.completion_tokens = int((completion.get("usage") or {}).get("completion_tokens", 0))
         self._spawn(prep.admission.settle(0))  # a cache hit costs the backends nothing
         return self._json(completion, call)
 
-    async def _replay(self, chunks: list[dict[str, Any]], prep: Prepared, call: Call) -> AsyncIterator[bytes]:
-        filt = self.guard.stream_filter()
+    async def _replay(
+        self, chunks: list[dict[str, Any]], filt: ChunkFilter | None, prep: Prepared, call: Call
+    ) -> AsyncIterator[bytes]:
         try:
             call.ttft_s = time.monotonic() - call.started
             for chunk in chunks:
@@ -263,9 +266,10 @@ class Gateway:
         usage = completion.get("usage") or {}
         call.prompt_tokens = int(usage.get("prompt_tokens", call.prompt_tokens))
         call.completion_tokens = int(usage.get("completion_tokens", 0))
+        policy = self.guard.output_stamp  # the check applied below, recorded with the cached answer
         filtered = self._filter_output(completion, call)
         if prep.decision.write and _complete_choices(filtered):  # a blocked answer ends in content_filter
-            answer = CachedAnswer("hit", None, filtered)
+            answer = CachedAnswer("hit", None, filtered, policy=policy)
             self._spawn(self.cache.store(prep.scope, prep.req, answer, prep.key))
         self._spawn(prep.admission.settle(call.prompt_tokens + call.completion_tokens))
         return self._json(filtered, call)
@@ -284,7 +288,7 @@ class Gateway:
     async def _relay(
         self, upstream: ChunkStream, first: dict[str, Any], member: Member, prep: Prepared, call: Call
     ) -> AsyncIterator[bytes]:
-        tap, filt = StreamTap(), self.guard.stream_filter()
+        tap, filt = StreamTap(policy=self.guard.output_stamp), self.guard.stream_filter()
         include_usage, model = prep.req.include_usage, prep.req.model
         chunks = _chain_first(first, upstream)
         try:
@@ -327,7 +331,7 @@ class Gateway:
         if tap.usage:
             call.prompt_tokens = int(tap.usage.get("prompt_tokens", call.prompt_tokens))
         if tap.complete and not tap.blocked and prep.decision.write and call.status == 200:
-            answer = CachedAnswer("hit", tap.chunks, None, usage=self._final_usage(tap, call))
+            answer = CachedAnswer("hit", tap.chunks, None, self._final_usage(tap, call), tap.policy)
             self._spawn(self.cache.store(prep.scope, prep.req, answer, prep.key))
         self._spawn(prep.admission.settle(call.prompt_tokens + call.completion_tokens))
         self.observer.finish(call)

@@ -81,6 +81,7 @@ class StreamTap:
     finish_reasons: set[str] = field(default_factory=set)
     complete: bool = False  # reached [DONE] with a finish_reason on every choice
     blocked: bool = False
+    policy: str | None = None  # the output check applied to the chunks (PolicyGuard.output_stamp)
 
     def observe(self, chunk: dict[str, Any]) -> None:
         for choice in chunk.get("choices") or ():

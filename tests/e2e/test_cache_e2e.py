@@ -144,20 +144,29 @@ def test_semantic_hit_on_a_paraphrase(gw: GatewayProcess, sim: SimulatorThread) 
     assert hit.json()["choices"][0]["message"]["content"] == "Paris is the capital of France."
 
 
-def test_output_policy_runs_again_on_hits(gw: GatewayProcess, sim: SimulatorThread, words: Path) -> None:
+def _answer(r: httpx.Response, stream: bool) -> str:
+    return _text(_frames(r)) if stream else r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_output_policy_runs_again_on_hits(
+    gw: GatewayProcess, sim: SimulatorThread, words: Path, stream: bool
+) -> None:
+    """A hit skips the output check only while the lists are the ones it was checked under."""
     q = _unique("Name a striped animal.")
     word = f"zebra{uuid.uuid4().hex[:4]}"
     sim.configure(scripts={q: [f"The {word} is striped."]})
-    assert word in _ask(gw, q).json()["choices"][0]["message"]["content"]
+    assert word in _answer(_ask(gw, q, stream=stream), stream)
+    assert word in _answer(_ask(gw, q, stream=stream), stream)  # a hit, checked under these lists
     words.write_text(words.read_text() + f"{word}\n")
     assert gw.proc is not None
     gw.proc.send_signal(signal.SIGHUP)  # reload the lists now
     for _ in range(100):  # bounded wait for the reload to land
-        cached = _ask(gw, q)
-        if word not in cached.json()["choices"][0]["message"]["content"]:
+        cached = _ask(gw, q, stream=stream)
+        if word not in _answer(cached, stream):
             break
     assert cached.headers["x-gateway-cache"] == "hit"
-    assert cached.json()["choices"][0]["message"]["content"] == f"The {'*' * len(word)} is striped."
+    assert _answer(cached, stream) == f"The {'*' * len(word)} is striped."
 
 
 def test_redis_down_means_bypass_not_errors(start_gateway, sim: SimulatorThread) -> None:

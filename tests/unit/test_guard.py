@@ -205,3 +205,21 @@ async def test_close_stops_the_watcher_and_the_handler(files: list[Path]) -> Non
     await g.close()
     assert not g.handles_sighup
     await g.close()  # idempotent
+
+
+async def test_output_stamp_changes_with_the_lists_and_the_action(guard: PolicyGuard, files: list[Path]) -> None:
+    stamp = guard.output_stamp
+    assert guard.output_checked(stamp) and not guard.output_checked(None)
+    twin = PolicyGuard(settings(files, input="block", output="mask"))  # another replica, same lists
+    blocking = PolicyGuard(settings(files, input="block", output="block"))
+    await twin.start()
+    await blocking.start()
+    try:
+        assert twin.output_stamp == stamp
+        assert blocking.output_stamp != stamp
+    finally:
+        await twin.close()
+        await blocking.close()
+    files[1].write_text(EN + "newword\n", encoding="utf-8")
+    assert await guard.reload_now()
+    assert not guard.output_checked(stamp)  # answers checked under the old lists are checked again
