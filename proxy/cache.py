@@ -41,6 +41,7 @@ from proxy.cache_store import MemoryStore, RedisStore, SemanticEntry, Store
 from proxy.cache_verify import disagreement
 from proxy.embedding import Embedder, EmbeddingError
 from proxy.protocol import ChatRequest
+from proxy.ratelimit import Peek
 from proxy.settings import CacheSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -237,31 +238,38 @@ class ResponseCache:
     async def close(self) -> None:
         await self._store.close()
 
-    def redis_key(self, key: str) -> str | None:
-        """Where the exact entry for `key` (exact_key()) lives in Redis; None without Redis.
-        The rate limiter checks it in its own round trip: a request with a cached answer is free."""
-        return self._store.redis_key(key) if isinstance(self._store, RedisStore) else None
+    def redis_field(self, key: str) -> tuple[str, str] | None:
+        """Where the exact answer for `key` (exact_key()) lives in Redis: (hash key, field); None
+        without Redis. The rate limiter reads it in its admission round trip (a request with a
+        cached answer costs no tokens) and hands it to fetch() as `peeked`."""
+        return (self._store.redis_key(key), "answer") if isinstance(self._store, RedisStore) else None
 
     async def lookup(self, scope: CacheScope, req: ChatRequest) -> CachedAnswer | None:
         return (await self.fetch(scope, req)).answer
 
-    async def fetch(self, scope: CacheScope, req: ChatRequest, key: str | None = None) -> CacheResult:
+    async def fetch(
+        self, scope: CacheScope, req: ChatRequest, key: str | None = None, peeked: Peek | None = None
+    ) -> CacheResult:
         """Like lookup(), with the status for the x-gateway-cache header. Never raises.
-        `key`: exact_key(scope, req) when the caller already has it."""
+        `key`: exact_key(scope, req) when the caller already has it; `peeked`: the exact entry as
+        read by the rate limiter's admission (see redis_field), so it is not read again."""
         if self._clock() < self._resume_at:
             self.stats.bypass_errors += 1
             return CacheResult(None, "bypass")
         try:
-            result = await self._fetch(scope, req, key or exact_key(scope, req))
+            result = await self._fetch(scope, req, key or exact_key(scope, req), peeked)
         except Exception as exc:  # Redis, index, embedder: the cache steps aside, the request goes on
             self._failed(exc, "lookup")
             return CacheResult(None, "bypass")
         self._failures = 0
         return result
 
-    async def _fetch(self, scope: CacheScope, req: ChatRequest, key: str) -> CacheResult:
-        async with asyncio.timeout(self._timeout_s):
-            raw = await self._store.get(key)
+    async def _fetch(self, scope: CacheScope, req: ChatRequest, key: str, peeked: Peek | None) -> CacheResult:
+        if peeked is not None:
+            raw = peeked.value
+        else:
+            async with asyncio.timeout(self._timeout_s):
+                raw = await self._store.get(key)
         if raw is not None:
             self.stats.hits += 1
             return CacheResult(decode(raw, "hit"), "hit")

@@ -31,7 +31,8 @@ class Verdict:
     oldest: float  # when the oldest request in the window was admitted (now when there is none)
     blocking: float  # when the request that keeps the log full was admitted (refusals: retry-after)
     tokens: float  # the bucket after this step
-    free: bool = False  # the `free_if` key existed: no tokens were reserved
+    free: bool = False  # the `free_if` entry existed: no tokens were reserved
+    found: bytes | None = None  # that entry's value
 
     @property
     def admitted(self) -> bool:
@@ -50,7 +51,7 @@ class LimitStore(Protocol):
         rate: float,
         cost: int,
         now: float,
-        free_if: str | None = None,
+        free_if: tuple[str, str] | None = None,
     ) -> Verdict: ...
 
     async def adjust(self, ident: str, cap: int, rate: float, delta: int, now: float) -> None: ...
@@ -73,15 +74,18 @@ else
 end
 """
 # KEYS: request log (sorted set scored by admission time), token bucket (hash {t, ts}), and
-# optionally a key whose existence makes the request free of tokens (its answer is cached).
-# ARGV: now, window_s, limit, member (unique), cap, refill/s, cost.
-# Returns {requests_ok, tokens_ok, in_window, oldest, blocking, tokens, free}.
+# optionally a hash whose field ARGV[8] makes the request free of tokens (a cached answer).
+# ARGV: now, window_s, limit, member (unique), cap, refill/s, cost[, field].
+# Returns {requests_ok, tokens_ok, in_window, oldest, blocking, tokens, free, value or nil}.
 _ADMIT = (
     """
 local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cap, rate, cost = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local free = 0
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then cost, free = 0, 1 end
+local free, found = 0, false
+if KEYS[3] then
+  found = redis.call('HGET', KEYS[3], ARGV[8])
+  if found then cost, free = 0, 1 end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local count = redis.call('ZCARD', KEYS[1])
 """
@@ -93,10 +97,10 @@ local function score_at(i)
   return tostring(now)
 end
 if count >= limit then
-  return {0, 1, count, score_at(0), score_at(count - limit), tostring(tokens), free}
+  return {0, 1, count, score_at(0), score_at(count - limit), tostring(tokens), free, found}
 end
 if free == 0 and cost > tokens then
-  return {1, 0, count, score_at(0), tostring(now), tostring(tokens), free}
+  return {1, 0, count, score_at(0), tostring(now), tostring(tokens), free, found}
 end
 tokens = tokens - cost
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
@@ -104,7 +108,7 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
 """
     + _SAVE
     + """
-return {1, 1, count + 1, score_at(0), tostring(now), tostring(tokens), free}
+return {1, 1, count + 1, score_at(0), tostring(now), tostring(tokens), free, found}
 """
 )
 # KEYS: request log (unused), token bucket. ARGV: cap, refill/s, now, delta (negative: refund).
@@ -143,17 +147,26 @@ class RedisLimitStore:
         rate: float,
         cost: int,
         now: float,
-        free_if: str | None = None,
+        free_if: tuple[str, str] | None = None,
     ) -> Verdict:
         member = f"{self._tag}:{next(self._seq)}"
         keys = self.keys(ident)
+        args: list[str | float] = [now, window_s, limit, member, cap, rate, cost]
         if free_if is not None:
-            keys.append(free_if)
-        req_ok, tok_ok, count, oldest, blocking, tokens, free = await self._admit(
-            keys=keys, args=[now, window_s, limit, member, cap, rate, cost]
-        )
+            keys.append(free_if[0])
+            args.append(free_if[1])
+        reply = await self._admit(keys=keys, args=args)
+        req_ok, tok_ok, count, oldest, blocking, tokens, free = reply[:7]
+        found = reply[7] if len(reply) > 7 else None  # a trailing nil is dropped from the reply
         return Verdict(
-            bool(req_ok), bool(tok_ok), int(count), float(oldest), float(blocking), float(tokens), bool(free)
+            bool(req_ok),
+            bool(tok_ok),
+            int(count),
+            float(oldest),
+            float(blocking),
+            float(tokens),
+            bool(free),
+            found,
         )
 
     async def adjust(self, ident: str, cap: int, rate: float, delta: int, now: float) -> None:
@@ -188,7 +201,7 @@ class LocalLimitStore:
         rate: float,
         cost: int,
         now: float,
-        free_if: str | None = None,  # a Redis key: never set without Redis
+        free_if: tuple[str, str] | None = None,  # a Redis hash field: never set without Redis
     ) -> Verdict:
         log = self._logs.get(ident)
         if log is None:

@@ -132,7 +132,8 @@ class Gateway:
         prep = await self._prepare(request, raw, call)
         try:
             if prep.decision.read:
-                found = await self.cache.fetch(prep.scope, prep.req, prep.key)  # bypass on failure
+                peeked = prep.admission.peek  # read in the admission round trip (Redis only)
+                found = await self.cache.fetch(prep.scope, prep.req, prep.key, peeked)  # never raises
                 if found.answer is not None:
                     return self._serve_hit(found.answer, prep, call)
                 call.cache = found.status
@@ -185,7 +186,7 @@ class Gateway:
         cache_key = exact_key(scope, req) if decision.read or decision.write else None
         call.prompt_tokens = estimate_prompt_tokens(body["messages"])
         reserve = call.prompt_tokens + (req.completion_budget or DEFAULT_COMPLETION_RESERVE)
-        free_if = self.cache.redis_key(cache_key) if cache_key is not None and decision.read else None
+        free_if = self.cache.redis_field(cache_key) if cache_key is not None and decision.read else None
         admission = await self.limiter.admit(principal, reserve, free_if=free_if)
         call.headers.update(admission.headers)
         return Prepared(req, body, variant, scope, decision, admission, cache_key)

@@ -90,10 +90,18 @@ class _EmergencyCap:
         return 0.0
 
 
-class Admission:
-    """An admitted request: its rate-limit headers, and the token reservation to settle at the end."""
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """What the admission read of the `free_if` entry: its value, or None when there is none."""
 
-    __slots__ = ("_settle", "degraded", "headers", "reserved", "settled")
+    value: bytes | None
+
+
+class Admission:
+    """An admitted request: its rate-limit headers, the token reservation to settle at the end,
+    and, when a `free_if` entry was given and Redis answered, what the entry held (`peek`)."""
+
+    __slots__ = ("_settle", "degraded", "headers", "peek", "reserved", "settled")
 
     def __init__(
         self,
@@ -102,8 +110,9 @@ class Admission:
         settle: Callable[[int], Awaitable[None]],
         *,
         degraded: bool = False,
+        peek: Peek | None = None,
     ) -> None:
-        self.headers, self.reserved, self.degraded = headers, reserved, degraded
+        self.headers, self.reserved, self.degraded, self.peek = headers, reserved, degraded, peek
         self._settle, self.settled = settle, False
 
     async def settle(self, used_tokens: int) -> None:
@@ -222,11 +231,12 @@ class RateLimiter:
             await self._pool.aclose()
 
     async def admit(
-        self, principal: Principal, reserve_tokens: int, *, free_if: str | None = None
+        self, principal: Principal, reserve_tokens: int, *, free_if: tuple[str, str] | None = None
     ) -> Admission:
         """Count one request and reserve `reserve_tokens`; raises RateLimited or ServiceUnavailable.
-        `free_if`: a Redis key (a cached answer) whose existence makes the request cost no tokens;
-        it is checked in the same round trip, so a cache hit needs no refund afterwards."""
+        `free_if`: a Redis (hash key, field) - a cached answer - whose presence makes the request
+        cost no tokens. It is read in the same round trip and handed back as `Admission.peek`, so
+        a cache hit needs neither its own GET nor a refund, and a miss needs no GET either."""
         tier = self._tiers.get(principal.tier) or self._tiers["default"]
         ident, cost = _identity(principal), max(0, reserve_tokens)
         if cost > tier.tokens:
@@ -266,7 +276,7 @@ class RateLimiter:
         cost: int,
         *,
         degraded: bool = False,
-        free_if: str | None = None,
+        free_if: tuple[str, str] | None = None,
     ) -> Admission:
         now = self._clock()
         v: Verdict = await store.admit(
@@ -293,8 +303,9 @@ class RateLimiter:
                 headers,
                 wait,
             )
+        peek = Peek(v.found) if free_if is not None and store.shared else None
         return Admission(
-            headers, cost, lambda delta: self._settle(store, ident, tier, delta), degraded=degraded
+            headers, cost, lambda delta: self._settle(store, ident, tier, delta), degraded=degraded, peek=peek
         )
 
     async def _degraded(self, tier: _Tier, ident: str, cost: int) -> Admission:

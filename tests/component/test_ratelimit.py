@@ -480,15 +480,18 @@ async def test_a_request_whose_answer_is_cached_reserves_no_tokens(make: Any, pr
     clock = FrozenClock()
     limiter = await make(limits(rpm=10, tpm=1000), clock=clock)
     who = principal()
-    cached, absent = f"{prefix}:cached-answer", f"{prefix}:no-such-answer"
+    cached, absent = (f"{prefix}:cached-answer", "answer"), (f"{prefix}:no-such-answer", "answer")
     client = aioredis.Redis.from_url(REDIS)
     try:
-        await client.set(cached, b"answer")
+        await client.hset(cached[0], "answer", b"the answer")
         hit = await limiter.admit(who, 300, free_if=cached)
         assert hit.reserved == 0 and hit.headers["x-ratelimit-remaining-tokens"] == "1000"
         assert hit.headers["x-ratelimit-remaining-requests"] == "9"  # a hit still spends a request
+        assert hit.peek is not None and hit.peek.value == b"the answer"  # read in the same round trip
         miss = await limiter.admit(who, 300, free_if=absent)
         assert miss.reserved == 300 and miss.headers["x-ratelimit-remaining-tokens"] == "700"
+        assert miss.peek is not None and miss.peek.value is None
+        assert (await limiter.admit(who, 0)).peek is None  # nothing asked, nothing read
         await miss.settle(1300)  # an overshoot leaves the bucket 600 in debt
         with pytest.raises(RateLimited):
             await limiter.admit(who, 1, free_if=absent)

@@ -321,5 +321,6 @@ def test_only_complete_answers_are_storable(answer: CachedAnswer, complete: bool
 
 
 def test_encoded_form_is_json() -> None:
-    data = orjson.loads(encode(CachedAnswer("hit", None, COMPLETION)))
-    assert data == {"v": 1, "chunks": None, "completion": COMPLETION, "usage": USAGE}
+    data = orjson.loads(encode(CachedAnswer("hit", None, COMPLETION, policy="stamp")))
+    assert data == {"v": 1, "chunks": None, "completion": COMPLETION, "usage": USAGE, "policy": "stamp"}
+    assert decode(encode(CachedAnswer("hit", None, COMPLETION, policy="stamp")), "hit").policy == "stamp"
