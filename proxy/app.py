@@ -148,10 +148,15 @@ def _settle_garbage_collector() -> None:
 
 class EdgeMiddleware:
     """Pure ASGI, outermost: gives every request an id (bound into the log context, echoed as
-    `x-request-id`) and observes the per-route HTTP metrics (not for /metrics itself)."""
+    `x-request-id`) and observes the per-route HTTP metrics (not for /metrics itself).
 
-    def __init__(self, app: ASGIApp, http: HttpMetrics) -> None:
-        self.app, self.http = app, http
+    `direct`: (method, path) -> an ASGI endpoint called straight from here, past Starlette's
+    exception middleware and router (five layers, ~10% of a request's CPU). Only for endpoints that
+    turn every GatewayError into a response themselves; anything else still reaches the outermost
+    error handler, as it would through the router."""
+
+    def __init__(self, app: ASGIApp, http: HttpMetrics, direct: dict[tuple[str, str], ASGIApp]) -> None:
+        self.app, self.http, self.direct = app, http, direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,9 +175,10 @@ class EdgeMiddleware:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw)]
             await send(message)
 
+        app = self.direct.get((scope["method"], scope["path"]), self.app)
         structlog.contextvars.bind_contextvars(request_id=rid)
         try:
-            await self.app(scope, receive, send_with_id)
+            await app(scope, receive, send_with_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
             handler = self.http.handler(scope["path"])
@@ -197,6 +203,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             call.status, call.error = exc.status, exc.code or exc.type
             rt.observer.finish(call)
             return _error_response(exc, call.headers)
+
+    async def chat_direct(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await chat_completions(Request(scope, receive, send))
+        await response(scope, receive, send)
 
     async def list_models(request: Request) -> Response:
         principal = await rt.gw.auth.authenticate(request.headers.getlist("authorization"))
@@ -260,7 +270,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.add_exception_handler(Exception, _unexpected)
 
     routes = (*(r.path.replace(":path", "") for r in app.routes if isinstance(r, Route)),)
-    app.add_middleware(EdgeMiddleware, http=rt.observer.http_metrics(routes))
+    direct = {("POST", "/v1/chat/completions"): chat_direct}
+    app.add_middleware(EdgeMiddleware, http=rt.observer.http_metrics(routes), direct=direct)
     return app
 
 
