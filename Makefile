@@ -27,3 +27,4 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check proxy backends policies loadtest tests
+	$(BIN)/mypy proxy backends policies

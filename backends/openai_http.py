@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -51,7 +51,7 @@ class SSEChunkStream:
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iter
 
-    async def _chunks(self) -> AsyncIterator[Chunk]:
+    async def _chunks(self) -> AsyncGenerator[Chunk, None]:
         buf = b""
         reader = self._resp.content
         while True:

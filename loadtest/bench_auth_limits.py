@@ -48,7 +48,13 @@ async def bench_auth(n: int) -> Principal:
         ttl_s=3600, audience="llm-gateway", issuer="bench", settings=settings,
     )  # fmt: skip
     header = [f"Bearer {token}"]
-    await measure("authenticate() HS256", n, lambda _: auth.authenticate(header))
+    await measure("authenticate() HS256, repeated token", n, lambda _: auth.authenticate(header))
+    fresh = [  # a token seen for the first time: the signature is checked
+        [f"Bearer {mint_token(key=secret, algorithm='HS256', sub=f'u{i}', tenant=None, tier=None, models=None, ttl_s=3600, audience='llm-gateway', issuer='bench', settings=settings)}"]  # noqa: E501
+        for i in range(n + min(n // 10, 500))
+    ]
+    unseen = iter(fresh)
+    await measure("authenticate() HS256, new token", n, lambda _: auth.authenticate(next(unseen)))
 
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.public_key().public_bytes(
@@ -63,7 +69,9 @@ async def bench_auth(n: int) -> Principal:
         key=es_pem, algorithm="ES256", sub="alice", tenant=None, tier=None, models=None,
         ttl_s=3600, audience="llm-gateway", issuer="bench", settings=es_settings,
     )  # fmt: skip
-    await measure("authenticate() ES256", n, lambda _: es_auth.authenticate([f"Bearer {es_token}"]))
+    await measure(
+        "authenticate() ES256, repeated token", n, lambda _: es_auth.authenticate([f"Bearer {es_token}"])
+    )
     return await auth.authenticate(header)
 
 

@@ -35,11 +35,12 @@ from backends.pool import Breaker, Member, probe_forever
 from proxy import errors
 from proxy.auth import Authenticator, ensure_secret
 from proxy.cache import ResponseCache
+from proxy.edge import read_body
 from proxy.embedding import build_embedder
 from proxy.guard import PolicyGuard
 from proxy.metrics import HttpMetrics
 from proxy.observability import Observer, configure_logging
-from proxy.pipeline import Call, Gateway, read_body
+from proxy.pipeline import Call, Gateway, Reply
 from proxy.protocol import model_card
 from proxy.ratelimit import RateLimiter
 from proxy.settings import Settings, load_settings
@@ -195,7 +196,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     rt = Runtime(settings, registry)
     app = Starlette(lifespan=rt.lifespan)
 
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(request: Request) -> Reply:
         call = Call(request_id=request.state.request_id, started=time.monotonic())
         try:
             return await rt.gw.chat_completions(request, call)
@@ -247,7 +248,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         result = await rt.observer.experiments.feedback(principal, raw)
         return Response(orjson.dumps(result), media_type="application/json")
 
-    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    # reached only for other methods (405): POST goes straight from the edge middleware (chat_direct)
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])  # type: ignore[arg-type]
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_route("/healthz", healthz, methods=["GET"])
@@ -270,7 +272,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.add_exception_handler(Exception, _unexpected)
 
     routes = (*(r.path.replace(":path", "") for r in app.routes if isinstance(r, Route)),)
-    direct = {("POST", "/v1/chat/completions"): chat_direct}
+    direct: dict[tuple[str, str], ASGIApp] = {("POST", "/v1/chat/completions"): chat_direct}
     app.add_middleware(EdgeMiddleware, http=rt.observer.http_metrics(routes), direct=direct)
     return app
 

@@ -49,7 +49,8 @@ class GatewayError(Exception):
 
 
 class InvalidRequest(GatewayError):
-    status, type, code, should_retry = 400, "invalid_request_error", None, False
+    status, type, should_retry = 400, "invalid_request_error", False
+    code: str | None = None
 
 
 class ContentFiltered(InvalidRequest):

@@ -50,6 +50,7 @@ from proxy.settings import Settings, VariantSettings
 from proxy.streaming import SSEResponse, StreamTap, usage_chunk
 
 T = TypeVar("T")
+Reply = Response | SSEResponse
 Attempt = Callable[[Member, dict[str, Any]], Awaitable[T]]
 DEFAULT_COMPLETION_RESERVE = 512  # reserved when the client sets no max_tokens; refunded after
 OFF_LOOP_SCAN_BYTES = 64 * 1024
@@ -113,7 +114,8 @@ class Gateway:
         """(problems, degradations). Problems take this replica out of rotation. A Redis outage is
         only a degradation under fail_open: every replica shares Redis, so making them all unready
         at once would turn a degraded service into no service."""
-        problems, degraded = [], []
+        problems: list[str] = []
+        degraded: list[str] = []
         for name, experiment in self.router.experiments.items():
             names = {n for v in experiment.settings.variants for n in (*v.backends, *v.fallback)}
             if not any(self.members[n].usable() for n in names):
@@ -124,7 +126,7 @@ class Gateway:
         return problems, degraded
 
     # -- entry point -------------------------------------------------------------------------------
-    async def chat_completions(self, request: Request, call: Call) -> Response:
+    async def chat_completions(self, request: Request, call: Call) -> Reply:
         call.principal = await self.auth.authenticate(request.headers.getlist("authorization"))
         raw = await read_body(
             request, self.settings.server.max_body_bytes, self.settings.server.body_timeout_s
@@ -192,17 +194,20 @@ class Gateway:
         return Prepared(req, body, variant, scope, decision, admission, cache_key)
 
     # -- cache hit --------------------------------------------------------------------------------
-    def _serve_hit(self, hit: CachedAnswer, prep: Prepared, call: Call) -> Response:
+    def _serve_hit(self, hit: CachedAnswer, prep: Prepared, call: Call) -> Reply:
         call.cache = hit.layer
         call.backend = "cache"
         call.completion_id = call.request_id  # replays carry the request id as their completion id
-        common = {"request_id": call.request_id, "created": int(time.time()), "model": prep.req.model}
+        rid, created, model = call.request_id, int(time.time()), prep.req.model
         self._set_route_headers(call)
         if prep.req.stream:
-            chunks = replay_chunks(hit, include_usage=prep.req.include_usage, **common)
+            include_usage = prep.req.include_usage
+            chunks = replay_chunks(
+                hit, request_id=rid, created=created, model=model, include_usage=include_usage
+            )
             filt = None if self.guard.output_checked(hit.policy) else self.guard.stream_filter()
             return SSEResponse(self._replay(chunks, filt, prep, call), call.headers)
-        completion = replay_completion(hit, **common)
+        completion = replay_completion(hit, request_id=rid, created=created, model=model)
         if not self.guard.output_checked(hit.policy):  # stored filtered: re-check only if lists changed
             completion = self._filter_output(completion, call)
         call.completion_tokens = int((completion.get("usage") or {}).get("completion_tokens", 0))
@@ -276,7 +281,7 @@ class Gateway:
         return self._json(filtered, call)
 
     # -- stream -----------------------------------------------------------------------------------
-    async def _stream(self, prep: Prepared, call: Call) -> Response:
+    async def _stream(self, prep: Prepared, call: Call) -> Reply:
         body = dict(prep.body)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         member, (upstream, first) = await self._first_success(prep, call, body, _open_stream)
