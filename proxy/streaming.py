@@ -2,9 +2,11 @@
 turns upstream chunks into frames (output policy hold-back, usage tap, error frame, no fake stop).
 
 Why not sse-starlette: its per-response ping task and anyio task group cost CPU on every stream,
-and the relay already knows when the stream ends; measured in loadtest/bench.py. Why not Starlette's
-StreamingResponse: under ASGI spec 2.4 it only learns of a disconnect on the next send, so an
-upstream that stalls would keep generating for a client that is gone.
+and the relay already knows when the stream ends. Why not Starlette's StreamingResponse: under ASGI
+spec 2.4 it only learns of a disconnect on the next send, so an upstream that stalls would keep
+generating for a client that is gone. Measured (`python -m loadtest.bench_sse`, one core, 16 frames
++ [DONE]): this class 7,101 streams/s (142 us CPU each), StreamingResponse 3,983 (250 us),
+sse-starlette 2,011 (497 us); with 64 frames 2,196 / 1,807 / 836.
 """
 
 from __future__ import annotations
