@@ -8,13 +8,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+import orjson
 import redis.asyncio as aioredis
 
 from proxy.settings import ObservabilitySettings
 
 Fields = dict[str, float]
 _READ_BATCH = 500
-_WRITE_BATCH = 500
+_WRITE_BATCH = 100
 
 
 class AbBackend(Protocol):
@@ -122,16 +123,20 @@ return 1
 """
 
 
-# KEYS: one record key per completion id. ARGV: ttl, then per key: n, then n field/value pairs.
-# A reused id starts over (no stale score).
+# KEYS: one record key per completion id. ARGV: ttl, then one JSON object of string fields per
+# key (one argument per record keeps redis-py's packing cheap). A reused id starts over (no stale
+# score).
 _REMEMBER_LUA = """
-local ttl, at = ARGV[1], 2
-for _, key in ipairs(KEYS) do
-  local n = tonumber(ARGV[at])
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  local flat = {}
+  for field, value in pairs(cjson.decode(ARGV[i + 1])) do
+    flat[#flat + 1] = field
+    flat[#flat + 1] = value
+  end
   redis.call('DEL', key)
-  redis.call('HSET', key, unpack(ARGV, at + 1, at + 2 * n))
+  redis.call('HSET', key, unpack(flat))
   redis.call('EXPIRE', key, ttl)
-  at = at + 2 * n + 1
 end
 return #KEYS
 """
@@ -180,17 +185,15 @@ class RedisBackend:
         return out
 
     async def remember_many(self, records: dict[str, dict[str, str]]) -> None:
-        """One script call per _WRITE_BATCH ids (one command to pack instead of three per id;
-        batches keep each call short, so Redis never stalls the limiter behind a big flush)."""
+        """One script call per _WRITE_BATCH ids instead of three commands per id. Batches are small
+        so that neither this event loop (packing) nor Redis (running the script) stalls for long:
+        a flush of 2,500 ids in 4,500-argument calls took 15 ms of loop CPU at a stretch."""
         items = list(records.items())
         for start in range(0, len(items), _WRITE_BATCH):
-            keys: list[str] = []
-            args: list[str | int] = [self._settings.feedback_ttl_s]
-            for cid, record in items[start : start + _WRITE_BATCH]:
-                keys.append(self._cid_key(cid))
-                args.append(len(record))
-                for item in record.items():
-                    args.extend(item)
+            batch = items[start : start + _WRITE_BATCH]
+            keys = [self._cid_key(cid) for cid, _ in batch]
+            args: list[bytes | int] = [self._settings.feedback_ttl_s]
+            args += [orjson.dumps(record) for _, record in batch]
             await self._remember_script(keys=keys, args=args)
 
     async def lookup(self, cid: str) -> dict[str, str] | None:
