@@ -24,6 +24,20 @@ _LOCAL_MAX = 100_000  # identities kept in memory at most (the oldest is forgott
 
 
 @dataclass(frozen=True, slots=True)
+class Quota:
+    """One tier's limits: requests per window, and a bucket of `tokens` refilled over the window."""
+
+    requests: int
+    tokens: int  # bucket capacity
+    window_s: float = 60.0
+
+    @property
+    def rate(self) -> float:
+        """Tokens refilled per second."""
+        return self.tokens / self.window_s
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     requests_ok: bool
     tokens_ok: bool
@@ -34,27 +48,15 @@ class Verdict:
     free: bool = False  # the `free_if` entry existed: no tokens were reserved
     found: bytes | None = None  # that entry's value
 
-    @property
-    def admitted(self) -> bool:
-        return self.requests_ok and self.tokens_ok
-
 
 class LimitStore(Protocol):
     shared: bool
 
     async def admit(
-        self,
-        ident: str,
-        limit: int,
-        window_s: float,
-        cap: int,
-        rate: float,
-        cost: int,
-        now: float,
-        free_if: tuple[str, str] | None = None,
+        self, ident: str, quota: Quota, cost: int, now: float, free_if: tuple[str, str] | None = None
     ) -> Verdict: ...
 
-    async def adjust(self, ident: str, cap: int, rate: float, delta: int, now: float) -> None: ...
+    async def adjust(self, ident: str, quota: Quota, delta: int, now: float) -> None: ...
 
 
 # Shared by both scripts: refill the bucket in KEYS[2] to `now` -> tokens, ts.
@@ -139,19 +141,19 @@ class RedisLimitStore:
         return [f"{self._prefix}:{{{ident}}}:req", f"{self._prefix}:{{{ident}}}:tok"]
 
     async def admit(
-        self,
-        ident: str,
-        limit: int,
-        window_s: float,
-        cap: int,
-        rate: float,
-        cost: int,
-        now: float,
-        free_if: tuple[str, str] | None = None,
+        self, ident: str, quota: Quota, cost: int, now: float, free_if: tuple[str, str] | None = None
     ) -> Verdict:
         member = f"{self._tag}:{next(self._seq)}"
         keys = self.keys(ident)
-        args: list[str | float] = [now, window_s, limit, member, cap, rate, cost]
+        args: list[str | float] = [
+            now,
+            quota.window_s,
+            quota.requests,
+            member,
+            quota.tokens,
+            quota.rate,
+            cost,
+        ]
         if free_if is not None:
             keys.append(free_if[0])
             args.append(free_if[1])
@@ -169,8 +171,8 @@ class RedisLimitStore:
             found,
         )
 
-    async def adjust(self, ident: str, cap: int, rate: float, delta: int, now: float) -> None:
-        await self._adjust(keys=self.keys(ident), args=[cap, rate, now, delta])
+    async def adjust(self, ident: str, quota: Quota, delta: int, now: float) -> None:
+        await self._adjust(keys=self.keys(ident), args=[quota.tokens, quota.rate, now, delta])
 
 
 class LocalLimitStore:
@@ -182,12 +184,12 @@ class LocalLimitStore:
         self._logs: dict[str, deque[float]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def _refill(self, ident: str, cap: int, rate: float, now: float) -> float:
-        tokens, ts = self._buckets.get(ident, (cap, now))
-        return min(cap, tokens + max(0.0, now - ts) * rate)
+    def _refill(self, ident: str, quota: Quota, now: float) -> float:
+        tokens, ts = self._buckets.get(ident, (quota.tokens, now))
+        return min(quota.tokens, tokens + max(0.0, now - ts) * quota.rate)
 
-    def _save(self, ident: str, cap: int, tokens: float, now: float) -> None:
-        if tokens >= cap:
+    def _save(self, ident: str, quota: Quota, tokens: float, now: float) -> None:
+        if tokens >= quota.tokens:
             self._buckets.pop(ident, None)
             return
         _bounded_set(self._buckets, ident, (tokens, now))
@@ -195,10 +197,7 @@ class LocalLimitStore:
     async def admit(
         self,
         ident: str,
-        limit: int,
-        window_s: float,
-        cap: int,
-        rate: float,
+        quota: Quota,
         cost: int,
         now: float,
         free_if: tuple[str, str] | None = None,  # a Redis hash field: never set without Redis
@@ -207,20 +206,20 @@ class LocalLimitStore:
         if log is None:
             log = deque()
             _bounded_set(self._logs, ident, log)
-        while log and log[0] <= now - window_s:
+        while log and log[0] <= now - quota.window_s:
             log.popleft()
-        count, tokens = len(log), self._refill(ident, cap, rate, now)
+        count, tokens = len(log), self._refill(ident, quota, now)
         oldest = log[0] if log else now
-        if count >= limit:
-            return Verdict(False, True, count, oldest, log[count - limit], tokens)
+        if count >= quota.requests:
+            return Verdict(False, True, count, oldest, log[count - quota.requests], tokens)
         if cost > tokens:
             return Verdict(True, False, count, oldest, now, tokens)
         log.append(now)
-        self._save(ident, cap, tokens - cost, now)
+        self._save(ident, quota, tokens - cost, now)
         return Verdict(True, True, count + 1, log[0], now, tokens - cost)
 
-    async def adjust(self, ident: str, cap: int, rate: float, delta: int, now: float) -> None:
-        self._save(ident, cap, min(cap, self._refill(ident, cap, rate, now) - delta), now)
+    async def adjust(self, ident: str, quota: Quota, delta: int, now: float) -> None:
+        self._save(ident, quota, min(quota.tokens, self._refill(ident, quota, now) - delta), now)
 
 
 def _bounded_set(table: dict[str, V], key: str, value: V) -> None:

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from proxy.auth import Principal
 from proxy.errors import RateLimited, ServiceUnavailable
-from proxy.limit_store import LimitStore, LocalLimitStore, RedisLimitStore, Verdict
+from proxy.limit_store import LimitStore, LocalLimitStore, Quota, RedisLimitStore, Verdict
 from proxy.settings import LimitSettings
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,6 @@ class LimiterStats:
     settle_errors: int = 0
     degraded_admits: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: {"requests": 0, "tokens": 0, "emergency": 0})
-
-
-@dataclass(frozen=True, slots=True)
-class _Tier:
-    requests: int  # per minute
-    tokens: int  # bucket capacity
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / WINDOW_S
 
 
 class _EmergencyCap:
@@ -145,7 +135,7 @@ def _identity(principal: Principal) -> str:
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
-def _headers(tier: _Tier, req_left: int, req_reset: float, tokens: float) -> dict[str, str]:
+def _headers(tier: Quota, req_left: int, req_reset: float, tokens: float) -> dict[str, str]:
     return {
         "x-ratelimit-limit-requests": str(tier.requests),
         "x-ratelimit-remaining-requests": str(max(0, req_left)),
@@ -175,7 +165,8 @@ class RateLimiter:
     ) -> None:
         self._settings, self._clock, self._prefix = settings, clock, key_prefix
         self._tiers = {
-            name: _Tier(t.requests_per_minute, t.tokens_per_minute) for name, t in settings.tiers.items()
+            name: Quota(t.requests_per_minute, t.tokens_per_minute, WINDOW_S)
+            for name, t in settings.tiers.items()
         }
         self._local = LocalLimitStore()
         self._pool: aioredis.BlockingConnectionPool | None = None
@@ -271,7 +262,7 @@ class RateLimiter:
     async def _admit(
         self,
         store: LimitStore,
-        tier: _Tier,
+        tier: Quota,
         ident: str,
         cost: int,
         *,
@@ -279,9 +270,7 @@ class RateLimiter:
         free_if: tuple[str, str] | None = None,
     ) -> Admission:
         now = self._clock()
-        v: Verdict = await store.admit(
-            ident, tier.requests, WINDOW_S, tier.tokens, tier.rate, cost, now, free_if
-        )
+        v: Verdict = await store.admit(ident, tier, cost, now, free_if)
         if v.free:
             cost = 0
         if not v.requests_ok:
@@ -308,7 +297,7 @@ class RateLimiter:
             headers, cost, lambda delta: self._settle(store, ident, tier, delta), degraded=degraded, peek=peek
         )
 
-    async def _degraded(self, tier: _Tier, ident: str, cost: int) -> Admission:
+    async def _degraded(self, tier: Quota, ident: str, cost: int) -> Admission:
         if self._settings.on_redis_error == "fail_closed":
             raise ServiceUnavailable(
                 "Rate limiting is temporarily unavailable. Please retry shortly.",
@@ -326,9 +315,9 @@ class RateLimiter:
         self.stats.degraded_admits += 1
         return await self._admit(self._local, tier, ident, cost, degraded=True)
 
-    async def _settle(self, store: LimitStore, ident: str, tier: _Tier, delta: int) -> None:
+    async def _settle(self, store: LimitStore, ident: str, tier: Quota, delta: int) -> None:
         if not store.shared:
-            await store.adjust(ident, tier.tokens, tier.rate, delta, self._clock())
+            await store.adjust(ident, tier, delta, self._clock())
             return
         # A task of our own, so that a cancelled caller (client gone) cannot cut the refund short.
         task = asyncio.create_task(self._settle_shared(store, ident, tier, delta, self._clock()))
@@ -337,11 +326,11 @@ class RateLimiter:
         await asyncio.shield(task)
 
     async def _settle_shared(
-        self, store: LimitStore, ident: str, tier: _Tier, delta: int, now: float
+        self, store: LimitStore, ident: str, tier: Quota, delta: int, now: float
     ) -> None:
         try:
             async with asyncio.timeout(self._deadline_s):
-                await store.adjust(ident, tier.tokens, tier.rate, delta, now)
+                await store.adjust(ident, tier, delta, now)
         except _REDIS_ERRORS as exc:
             self.stats.settle_errors += 1
             self._mark_down(exc)

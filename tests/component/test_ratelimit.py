@@ -447,10 +447,11 @@ async def test_redis_and_memory_stores_agree_step_by_step(prefix: str) -> None:
     """The Lua script and its in-process twin: the same verdicts for the same steps and clock."""
     import random
 
-    from proxy.limit_store import LocalLimitStore, RedisLimitStore
+    from proxy.limit_store import LocalLimitStore, Quota, RedisLimitStore
 
     client = aioredis.Redis.from_url(REDIS)
     stores = (RedisLimitStore(client, prefix), LocalLimitStore())
+    quota = Quota(requests=5, tokens=200, window_s=60.0)
     rng = random.Random(7)
     now = 1_000_000.0
     try:
@@ -460,10 +461,10 @@ async def test_redis_and_memory_stores_agree_step_by_step(prefix: str) -> None:
             if rng.random() < 0.2:
                 delta = rng.randrange(-60, 60)
                 for store in stores:
-                    await store.adjust(ident, 200, 200 / 60, delta, now)
+                    await store.adjust(ident, quota, delta, now)
                 continue
             cost = rng.randrange(0, 120)
-            shared, local = [await s.admit(ident, 5, 60.0, 200, 200 / 60, cost, now) for s in stores]
+            shared, local = [await s.admit(ident, quota, cost, now) for s in stores]
             assert (shared.requests_ok, shared.tokens_ok, shared.in_window) == (
                 local.requests_ok,
                 local.tokens_ok,
