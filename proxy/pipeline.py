@@ -211,7 +211,8 @@ class Gateway:
         if not self.guard.output_checked(hit.policy):  # stored filtered: re-check only if lists changed
             completion = self._filter_output(completion, call)
         call.completion_tokens = int((completion.get("usage") or {}).get("completion_tokens", 0))
-        self._spawn(prep.admission.settle(0))  # a cache hit costs the backends nothing
+        if prep.admission.reserved:  # a semantic hit: refund; an exact hit reserved nothing
+            self._spawn(prep.admission.settle(0))
         return self._json(completion, call)
 
     async def _replay(
