@@ -1,7 +1,7 @@
 """Gateway overhead benchmark: direct-to-simulator versus through-the-gateway (prints figures).
 
 Layout on a 2-core machine: the gateway (one worker) is pinned to core 0; the zero-delay vLLM
-simulator and the load generators share core 1. Measured:
+simulator, the load generators and (for auth/full) a local Redis share core 1. Measured:
   * max requests/s, non-stream (wrk, closed loop, 64 connections) direct vs gateway
   * at fixed 200 and 500 requests/s (open loop): latency p50/p99, non-stream, and time to first
     token for streams, direct vs gateway, and the difference (what the gateway adds)
@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
     procs, sim_port, gw_port = start_services(args)
+    redis_cores = _pin_redis(args.redis) if args.features in ("auth", "full") else None
     try:
         os.sched_setaffinity(0, {1})  # the load generator shares core 1 with the simulator
         uvloop.run(measure(args, sim_port, gw_port))
@@ -255,6 +256,24 @@ def main() -> None:
             p.terminate()
         for p in procs:
             p.wait(10)
+        if redis_cores is not None:
+            os.sched_setaffinity(redis_cores[0], redis_cores[1])
+
+
+def _pin_redis(url: str) -> tuple[int, set[int]] | None:
+    """Keep a local Redis off the gateway's core for the run (in production it is another host):
+    otherwise the scheduler sometimes runs it on core 0 and its CPU is billed to the gateway.
+    Returns (pid, previous cores) to restore, or None when Redis is not local or not ours to move."""
+    import redis
+
+    try:
+        pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+        before = os.sched_getaffinity(pid)
+        os.sched_setaffinity(pid, {1})
+    except (redis.RedisError, OSError, KeyError, ValueError) as exc:
+        print(f"  (Redis not pinned to core 1: {exc!r})")
+        return None
+    return pid, before
 
 
 if __name__ == "__main__":
