@@ -196,7 +196,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     rt = Runtime(settings, registry)
     app = Starlette(lifespan=rt.lifespan)
 
-    async def chat_completions(request: Request) -> Reply:
+    async def chat_completions(request: Request) -> Reply | Response:
         call = Call(request_id=request.state.request_id, started=time.monotonic())
         try:
             return await rt.gw.chat_completions(request, call)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import Response
 
 from backends.base import BackendError, ChunkStream, ErrorKind
 from backends.pool import Member, attempt_order
@@ -47,10 +46,10 @@ from proxy.protocol import (
 from proxy.ratelimit import Admission, RateLimiter
 from proxy.routing import Router, apply_variant, sticky_key
 from proxy.settings import Settings, VariantSettings
-from proxy.streaming import SSEResponse, StreamTap, usage_chunk
+from proxy.streaming import JSONBytesResponse, SSEResponse, StreamTap, usage_chunk
 
 T = TypeVar("T")
-Reply = Response | SSEResponse
+Reply = SSEResponse | JSONBytesResponse
 Attempt = Callable[[Member, dict[str, Any]], Awaitable[T]]
 DEFAULT_COMPLETION_RESERVE = 512  # reserved when the client sets no max_tokens; refunded after
 OFF_LOOP_SCAN_BYTES = 64 * 1024
@@ -258,14 +257,14 @@ class Gateway:
             return member, result
         raise self._exhausted(last_error)
 
-    async def _complete(self, prep: Prepared, call: Call) -> Response:
+    async def _complete(self, prep: Prepared, call: Call) -> JSONBytesResponse:
         member, completion = await self._first_success(prep, call, prep.body, _chat)
         member.outstanding -= 1
         return self._finish_completion(completion, member, prep, call)
 
     def _finish_completion(
         self, completion: dict[str, Any], member: Member, prep: Prepared, call: Call
-    ) -> Response:
+    ) -> JSONBytesResponse:
         call.backend = member.name
         call.completion_id = completion.get("id")
         self._set_route_headers(call)
@@ -426,9 +425,9 @@ class Gateway:
         if call.backend:
             call.headers["x-gateway-backend"] = call.backend
 
-    def _json(self, payload: dict[str, Any], call: Call) -> Response:
+    def _json(self, payload: dict[str, Any], call: Call) -> JSONBytesResponse:
         self.observer.finish(call)
-        return Response(dumps(payload), media_type="application/json", headers=call.headers)
+        return JSONBytesResponse(dumps(payload), call.headers)
 
     def _spawn(self, coro: Any) -> None:
         self.observer.spawn(coro)

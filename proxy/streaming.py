@@ -1,5 +1,5 @@
-"""SSE to the client: a pure-ASGI streaming response that notices disconnects, and the relay that
-turns upstream chunks into frames (output policy hold-back, usage tap, error frame, no fake stop).
+"""Responses on the hot path: a pure-ASGI SSE response that notices disconnects, a plain JSON one,
+and the stream tap the relay fills (output policy hold-back, usage tap, error frame, no fake stop).
 
 Why not sse-starlette: its per-response ping task and anyio task group cost CPU on every stream,
 and the relay already knows when the stream ends. Why not Starlette's StreamingResponse: under ASGI
@@ -25,6 +25,24 @@ SSE_HEADERS = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
+
+
+class JSONBytesResponse:
+    """A JSON body that is already bytes, with headers that are already plain strings: the
+    response start built in one step (Starlette's Response re-encodes and re-scans every header,
+    ~6% of a cache hit's CPU with our dozen headers)."""
+
+    def __init__(self, body: bytes, headers: Mapping[str, str], status: int = 200) -> None:
+        self.body, self.status = body, status
+        self.raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class SSEResponse:
