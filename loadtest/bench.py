@@ -3,15 +3,18 @@
 Layout on a 2-core machine: the gateway (one worker) is pinned to core 0; the zero-delay vLLM
 simulator, the load generators and (for auth/full) a local Redis share core 1. Measured:
   * max requests/s, non-stream (wrk, closed loop, 64 connections) direct vs gateway
-  * at fixed 200 and 500 requests/s (open loop): latency p50/p99, non-stream, and time to first
-    token for streams, direct vs gateway, and the difference (what the gateway adds)
+  * at fixed 200 and 500 requests/s (open loop, loadtest/openloop.py): latency p50/p99,
+    non-stream, and time to first token for streams, direct vs gateway, and the difference
+    (what the gateway adds)
 
-    .venv/bin/python loadtest/bench.py [--seconds 10] [--features core|auth|full] [--redis URL]
+    .venv/bin/python loadtest/bench.py [--seconds 10] [--features core|auth|policies|full] [--redis URL]
 
 --features core: auth with a valid token, generous limits in memory, policies and cache off.
 --features auth: the same with limits in Redis (--redis) - the cost of identity and limits.
 --features policies: core + input and output word policies (the shipped lists).
---features full: auth + Redis limits + policies + exact cache (requests vary, so all misses).
+--features full: auth + Redis limits + policies + exact cache. The fixed-rate runs leave temperature
+  unset (sampled: the cache is bypassed); it also prints max req/s for exact misses (temperature 0,
+  a new prompt every request) and exact hits (temperature 0, one prompt), and their ratio.
 """
 
 from __future__ import annotations
