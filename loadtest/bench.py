@@ -208,7 +208,35 @@ def _report(rate: float, stream: bool, d: list[float], g: list[float]) -> str:
     )
 
 
-async def measure(args: argparse.Namespace, sim_port: int, gw_port: int) -> None:
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_request(
+    via: tuple[str, dict[str, str]], gw_pid: int, seconds: int, rate: float = 1000
+) -> None:
+    """The gateway's own CPU per exact miss and per exact hit at a fixed rate below saturation: a
+    steadier ratio than two closed-loop maxima (each run's luck with the scheduler differs)."""
+    run = time.time_ns()
+    total = int(rate * seconds) + 200
+    misses = [
+        _body(0, False, temperature=0).replace(b"number 0?", f"{run}-{i}?".encode()) for i in range(total)
+    ]
+    hits = [_body(1, False, temperature=0)]
+    out = {}
+    for name, bodies in (("miss", misses), ("hit", hits)):
+        before = _cpu_seconds(gw_pid)
+        result = await openloop.run(via[0], bodies, via[1], rate, seconds)
+        out[name] = (_cpu_seconds(gw_pid) - before) / (len(result.latencies) + result.errors + 200) * 1e6
+    print(
+        f"  gateway CPU per request at {rate:.0f} req/s: miss {out['miss']:.0f} us, hit {out['hit']:.0f} us "
+        f"({out['miss'] / out['hit']:.2f}x)"
+    )
+
+
+async def measure(args: argparse.Namespace, sim_port: int, gw_port: int, gw_pid: int) -> None:
     await _wait_http(f"http://127.0.0.1:{sim_port}/health")
     await _wait_http(f"http://127.0.0.1:{gw_port}/healthz")
     direct = (
@@ -233,6 +261,7 @@ async def measure(args: argparse.Namespace, sim_port: int, gw_port: int) -> None
         print(f"  max non-stream req/s cache hit : {hit}")
         if hit and miss:
             print(f"  hit / miss: {hit / miss:.2f}x")
+        await cpu_per_request(via, gw_pid, args.seconds)
     for stream in (False, True):
         for rate in args.rates:
             d = await open_loop(direct[0], direct[1], rate, args.seconds, stream)
@@ -253,7 +282,7 @@ def main() -> None:
     redis_cores = _pin_redis(args.redis) if args.features in ("auth", "full") else None
     try:
         os.sched_setaffinity(0, {1})  # the load generator shares core 1 with the simulator
-        uvloop.run(measure(args, sim_port, gw_port))
+        uvloop.run(measure(args, sim_port, gw_port, procs[1].pid))
     finally:
         for p in procs:
             p.terminate()
