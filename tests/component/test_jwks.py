@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import jwt
-import orjson
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from proxy.auth import Authenticator
 from proxy.errors import Unauthorized
 from proxy.settings import AuthSettings
+from tests.jwt_helpers import public_jwk
 
 
 @dataclass
@@ -27,14 +27,6 @@ class IdP:
     hits: int = 0
     url: str = ""
     served: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def public_jwk(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
-    if isinstance(key, rsa.RSAPrivateKey):
-        data = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())
-    else:
-        data = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())
-    return {**orjson.loads(data), "kid": kid, "use": "sig"}
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ need a token at all."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import json
 import threading
 import time
 import uuid
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from loadtest.vllm_sim import SimulatorThread
 from tests.conftest import SECRET, GatewayProcess, gateway_config
+from tests.jwt_helpers import b64, public_jwk
 
 AUD, ISS = "llm-gateway", "tests"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,10 +38,6 @@ _DROP = object()  # a claim value meaning "leave this claim out"
 
 
 # -- token crafting (by hand, so that every malformed variant is possible) --------------------------
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def seg(obj: Any) -> str:
     return b64(obj if isinstance(obj, bytes) else orjson.dumps(obj))
 
@@ -77,10 +72,6 @@ def pem(public: Any) -> bytes:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return data
-
-
-def public_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
-    return {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())), "kid": kid, "use": "sig"}
 
 
 @dataclass(frozen=True)

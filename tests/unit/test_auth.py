@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import stat
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from proxy.auth import INVALID, MISSING, Authenticator, ensure_secret, mint_token, parse_ttl
 from proxy.errors import PermissionDenied, Unauthorized
 from proxy.settings import AuthSettings
+from tests.jwt_helpers import b64, public_jwk
 
 NOW = 1_700_000_000.0
 SECRET = "unit-test-secret-0123456789abcdef0123456789abcdef"
@@ -63,10 +63,6 @@ def hs(
     payload: dict[str, Any] | None = None, *, key: str | bytes = SECRET, alg: str = "HS256", **headers: Any
 ) -> str:
     return jwt.encode(payload or claims(), key, algorithm=alg, headers=headers or None)
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def raw_token(header: dict[str, Any], payload: Any, key: bytes = SECRET.encode()) -> str:
@@ -301,11 +297,6 @@ class FakeSession:
         return FakeResponse(orjson.dumps({"keys": self.keys}))
 
 
-def jwk_of(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    return {**data, "kid": kid, "use": "sig"}
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = NOW
@@ -341,7 +332,7 @@ KID_INJECTIONS = [
 
 
 async def test_jwks_unknown_and_injected_kids_refused_without_hammering(rsa_key: rsa.RSAPrivateKey) -> None:
-    session, clock = FakeSession([jwk_of(rsa_key, "k1")]), Clock()
+    session, clock = FakeSession([public_jwk(rsa_key, "k1")]), Clock()
     auth = await jwks_auth(session, clock)
     try:
         assert (await auth.authenticate(bearer(rs_token(rsa_key, "k1", clock)))).sub == "alice"
@@ -362,10 +353,10 @@ async def test_jwks_unknown_and_injected_kids_refused_without_hammering(rsa_key:
 
 async def test_jwks_rotation_picked_up_on_unknown_kid_after_min_interval(rsa_key: rsa.RSAPrivateKey) -> None:
     new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    session, clock = FakeSession([jwk_of(rsa_key, "k1")]), Clock()
+    session, clock = FakeSession([public_jwk(rsa_key, "k1")]), Clock()
     auth = await jwks_auth(session, clock)
     try:
-        session.keys = [jwk_of(new_key, "k2")]
+        session.keys = [public_jwk(new_key, "k2")]
         clock.now += 5
         with pytest.raises(Unauthorized):  # too soon after the last fetch
             await auth.authenticate(bearer(rs_token(new_key, "k2", clock)))
@@ -380,7 +371,7 @@ async def test_jwks_rotation_picked_up_on_unknown_kid_after_min_interval(rsa_key
 
 async def test_jwks_key_with_other_alg_or_kid_for_wrong_key_refused(rsa_key: rsa.RSAPrivateKey) -> None:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    session = FakeSession([{**jwk_of(rsa_key, "k1"), "alg": "RS512"}, jwk_of(other, "k2")])
+    session = FakeSession([{**public_jwk(rsa_key, "k1"), "alg": "RS512"}, public_jwk(other, "k2")])
     clock = Clock()
     auth = await jwks_auth(session, clock)
     try:
@@ -515,12 +506,12 @@ async def test_repeated_token_is_verified_once_but_its_times_are_checked_every_t
 
 async def test_cached_token_refused_once_its_jwks_key_is_retired(rsa_key: rsa.RSAPrivateKey) -> None:
     new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    session, clock = FakeSession([jwk_of(rsa_key, "k1")]), Clock()
+    session, clock = FakeSession([public_jwk(rsa_key, "k1")]), Clock()
     auth = await jwks_auth(session, clock)
     try:
         token = rs_token(rsa_key, "k1", clock)
         assert (await auth.authenticate(bearer(token))).sub == "alice"
-        session.keys = [jwk_of(new_key, "k2")]
+        session.keys = [public_jwk(new_key, "k2")]
         assert await auth._jwks.refresh()  # type: ignore[union-attr]  # the periodic refresh
         with pytest.raises(Unauthorized):
             await auth.authenticate(bearer(token))
