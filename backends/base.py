@@ -24,6 +24,7 @@ class ErrorKind(enum.Enum):
     BAD_REQUEST = "bad_request"  # the backend answered 4xx (not 429): never retried
     PROTOCOL = "protocol"  # the backend spoke something we could not parse
     MID_STREAM = "mid_stream"  # failed after the first chunk
+    REFUSED = "refused"  # 401/403/404: the backend refuses the gateway itself (key, model id)
 
 
 RETRYABLE = frozenset(
@@ -33,8 +34,11 @@ RETRYABLE = frozenset(
         ErrorKind.UPSTREAM_5XX,
         ErrorKind.RATE_LIMITED,
         ErrorKind.OVERLOADED,
+        ErrorKind.REFUSED,  # a fault of that backend's configuration, not of the request
     }
 )
+
+REFUSALS = frozenset({401, 403, 404})  # upstream statuses that mean ErrorKind.REFUSED
 
 
 class BackendError(Exception):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from backends.base import BackendError, Body, Chunk, ErrorKind
+from backends.base import REFUSALS, BackendError, Body, Chunk, ErrorKind
 
 # The allow-listed request fields litellm receives; it maps them per provider and refuses the
 # ones a provider lacks (UnsupportedParamsError -> BAD_REQUEST) rather than dropping them silently.
@@ -98,9 +98,12 @@ def translate(exc: Exception, lm: Any, *, mid_stream: bool = False) -> BackendEr
         found = _PARAMS.search(str(exc))
         message = f"The model does not support a parameter{f': {found[1]}' if found else ''}."
         return BackendError(ErrorKind.BAD_REQUEST, message, status=400)
+    if status in REFUSALS:  # the provider refuses our key or model id; its text may quote the key
+        return BackendError(
+            ErrorKind.REFUSED, f"The model server refused the gateway ({status}).", status=status
+        )
     if status is not None and 400 <= status < 500:
-        # Only validation answers carry the provider's text; 401/403/404 may echo key fragments.
-        said = _upstream_message(exc) if status in (400, 422) else None
+        said = _upstream_message(exc) if status in (400, 422) else None  # validation: what to fix
         message = said or f"The model server rejected the request ({status})."
         return BackendError(ErrorKind.BAD_REQUEST, message, status=400)
     what = f" ({status})" if status is not None and status >= 500 else ""

@@ -15,16 +15,21 @@ from typing import Any
 import aiohttp
 import orjson
 
-from backends.base import BackendError, Body, Chunk, ErrorKind
+from backends.base import REFUSALS, BackendError, Body, Chunk, ErrorKind
 
 
 def _status_error(status: int, raw: bytes) -> BackendError:
     """Translate a non-2xx upstream answer. The upstream text is kept only for 4xx validation
-    errors, where it tells the client what to fix; 5xx details stay in our logs."""
+    errors, where it tells the client what to fix; 5xx details stay in our logs. 401/403/404 mean
+    the backend refuses the gateway (its key, its model id): another backend may still answer."""
     if status == 429:
         return BackendError(ErrorKind.RATE_LIMITED, "The model server is rate limiting.", status=status)
     if status >= 500:
         return BackendError(ErrorKind.UPSTREAM_5XX, f"The model server failed ({status}).", status=status)
+    if status in REFUSALS:  # its text may quote the gateway's own key: never passed on
+        return BackendError(
+            ErrorKind.REFUSED, f"The model server refused the gateway ({status}).", status=status
+        )
     message = "The model server rejected the request."
     try:
         data = orjson.loads(raw)

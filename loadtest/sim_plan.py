@@ -32,6 +32,7 @@ class SimConfig:
     reply_tokens: int = 16
     fault: str = "none"
     fault_status: int = 503
+    fault_message: str = "Simulated fault."  # the error text of fault="status"
     drop_after_chunks: int = 2
     stall_s: float = 30
     waiting: int = 0

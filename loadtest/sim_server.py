@@ -191,7 +191,7 @@ class Simulator:
         if cfg.fault == "refuse":  # arrived on a connection opened before the refusal
             return _drop(request, rec)
         if cfg.fault == "status":
-            return await _send_error(request, rec, cfg, cfg.fault_status, "Simulated fault.")
+            return await _send_error(request, rec, cfg, cfg.fault_status, cfg.fault_message)
         try:
             plan = build_plan(body, cfg, rec["id"])
         except RequestError as exc:

@@ -378,7 +378,7 @@ class Gateway:
     def _note_failure(self, member: Member, exc: BackendError, call: Call) -> bool:
         """Record a failed attempt; True when the next backend may be tried."""
         call.fallback_reasons.append(exc.kind.value)
-        if exc.kind in (ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.UPSTREAM_5XX, ErrorKind.PROTOCOL):
+        if exc.kind in _BREAKER_KINDS:
             member.breaker.failure()
         return exc.retryable
 
@@ -431,6 +431,11 @@ class Gateway:
 
     def _spawn(self, coro: Any) -> None:
         self.observer.spawn(coro)
+
+
+_BREAKER_KINDS = frozenset(
+    {ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.UPSTREAM_5XX, ErrorKind.PROTOCOL, ErrorKind.REFUSED}
+)
 
 
 def _complete_choices(completion: dict[str, Any]) -> bool:

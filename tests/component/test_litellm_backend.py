@@ -135,11 +135,14 @@ async def test_400_is_a_bad_request_with_the_upstream_message(
     )  # fmt: skip
 
 
-async def test_401_hides_the_upstream_text(backend: LiteLLMBackend, sim: SimulatorThread) -> None:
-    sim.configure(fault="status", fault_status=401)
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_refusals_of_the_gateway_hide_the_upstream_text(
+    backend: LiteLLMBackend, sim: SimulatorThread, status: int
+) -> None:
+    sim.configure(fault="status", fault_status=status, fault_message="Incorrect API key: sk-live-1234")
     err = await fails(backend.chat(BODY))
-    assert (err.kind, err.status) == (ErrorKind.BAD_REQUEST, 400)
-    assert err.message == "The model server rejected the request (401)."
+    assert (err.kind, err.status, err.retryable) == (ErrorKind.REFUSED, status, True)
+    assert err.message == f"The model server refused the gateway ({status})."
 
 
 async def test_context_window_exceeded_is_a_bad_request(

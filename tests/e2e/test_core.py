@@ -139,6 +139,22 @@ def test_fallback_to_llamacpp(gw: GatewayProcess, sim: SimulatorThread, fault: s
     assert text.strip()
 
 
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_upstream_refusing_the_gateway_falls_back_and_never_leaks(
+    gw: GatewayProcess, sim: SimulatorThread, status: int
+) -> None:
+    """401/403/404 from a backend mean its key or model id is wrong - a configuration fault: the
+    next backend answers, and the upstream text (which may quote the gateway's key) goes nowhere."""
+    sim.configure(fault="status", fault_status=status, fault_message="Incorrect API key sk-live-9f8e7d")
+    question = [{"role": "user", "content": f"Refusal check {status}: say hi."}]
+    raw = gw.client().chat.completions.with_raw_response.create(
+        model="assistant", messages=question, max_tokens=4, temperature=0
+    )
+    assert raw.headers["x-gateway-backend"] == "cpu"
+    assert "sk-live" not in raw.http_response.text
+    assert "sk-live" not in gw.log()
+
+
 def test_upstream_4xx_is_not_retried(gw: GatewayProcess, sim: SimulatorThread) -> None:
     sim.configure(fault="status", fault_status=400)
     with pytest.raises(openai.BadRequestError):
