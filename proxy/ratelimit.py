@@ -25,7 +25,6 @@ import hashlib
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -63,21 +62,6 @@ class LimiterStats:
     settle_errors: int = 0
     degraded_admits: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: {"requests": 0, "tokens": 0, "emergency": 0})
-
-
-class _EmergencyCap:
-    """Per-process sliding log of admissions while Redis is unavailable and the policy fails open."""
-
-    def __init__(self, per_minute: int) -> None:
-        self._times: deque[float] = deque(maxlen=per_minute)
-
-    def take(self, now: float) -> float:
-        """0 when admitted, else the seconds until a slot frees."""
-        times = self._times
-        if len(times) == times.maxlen and now - times[0] < WINDOW_S:
-            return times[0] + WINDOW_S - now
-        times.append(now)
-        return 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +173,9 @@ class RateLimiter:
             )
             self._redis = aioredis.Redis(connection_pool=self._pool)
             self._shared = RedisLimitStore(self._redis, key_prefix)
-        self._emergency = _EmergencyCap(settings.emergency_requests_per_minute)
+        # while Redis is down and the policy fails open: one per-process log over every admission
+        self._emergency = LocalLimitStore()
+        self._emergency_quota = Quota(settings.emergency_requests_per_minute, 1, WINDOW_S)
         self._down_until = 0.0
         self._probing = False
         self._failures = 0
@@ -303,8 +289,10 @@ class RateLimiter:
                 "Rate limiting is temporarily unavailable. Please retry shortly.",
                 headers={"retry-after": "1"},
             )
-        wait = self._emergency.take(self._clock())
-        if wait:
+        now = self._clock()
+        cap = await self._emergency.admit("*", self._emergency_quota, 0, now)
+        if not cap.requests_ok:
+            wait = cap.blocking + WINDOW_S - now
             self.stats.rejected["emergency"] += 1
             raise _rejection(
                 "The gateway is running in degraded mode and has reached its emergency request cap. "
