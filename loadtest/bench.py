@@ -43,14 +43,6 @@ from loadtest import openloop  # noqa: E402
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _config(sim_url: str, features: str, redis_url: str) -> dict[str, Any]:
     words = [str(ROOT / "config/words/zh.txt"), str(ROOT / "config/words/en.txt")]
     full = features == "full"
@@ -171,7 +163,7 @@ def wrk_max(
 
 def start_services(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], int, int]:
     """The simulator on core 1, the gateway (one worker) on core 0."""
-    sim_port, gw_port = _free_port(), _free_port()
+    sim_port, gw_port = openloop.free_port(), openloop.free_port()
     py = sys.executable
     sim_cmd = ["taskset", "-c", "1", py, "-m", "loadtest.vllm_sim", "--port", str(sim_port)]
     procs = [subprocess.Popen(sim_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
@@ -208,12 +200,6 @@ def _report(rate: float, stream: bool, d: list[float], g: list[float]) -> str:
     )
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def cpu_per_request(
     via: tuple[str, dict[str, str]], gw_pid: int, seconds: int, rate: float = 1000
 ) -> None:
@@ -227,9 +213,11 @@ async def cpu_per_request(
     hits = [_body(1, False, temperature=0)]
     out = {}
     for name, bodies in (("miss", misses), ("hit", hits)):
-        before = _cpu_seconds(gw_pid)
+        before = openloop.cpu_seconds(gw_pid)
         result = await openloop.run(via[0], bodies, via[1], rate, seconds)
-        out[name] = (_cpu_seconds(gw_pid) - before) / (len(result.latencies) + result.errors + 200) * 1e6
+        out[name] = (
+            (openloop.cpu_seconds(gw_pid) - before) / (len(result.latencies) + result.errors + 200) * 1e6
+        )
     print(
         f"  gateway CPU per request at {rate:.0f} req/s: miss {out['miss']:.0f} us, hit {out['hit']:.0f} us "
         f"({out['miss'] / out['hit']:.2f}x)"

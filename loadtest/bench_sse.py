@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from loadtest.openloop import cpu_seconds, free_port
 from proxy.protocol import DONE_FRAME, chunk_frame
 from proxy.streaming import SSEResponse
 
@@ -73,18 +73,6 @@ def build_app(frames: int) -> Starlette:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=16)
@@ -101,7 +89,7 @@ def main() -> None:
         return
     if not shutil.which("wrk"):
         sys.exit("needs wrk (apt-get install wrk)")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "loadtest.bench_sse", "--serve", str(port), "--frames", str(args.frames)]
     server = subprocess.Popen(cmd, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
     try:
@@ -115,12 +103,12 @@ def main() -> None:
         for kind in KINDS:
             url = f"http://127.0.0.1:{port}/{kind}"
             subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", "-d2s", url], capture_output=True)
-            cpu = _cpu_seconds(server.pid)
+            cpu = cpu_seconds(server.pid)
             out = subprocess.run(
                 ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{args.seconds}s", url],
                 capture_output=True, text=True, check=True,
             ).stdout  # fmt: skip
-            cpu = _cpu_seconds(server.pid) - cpu
+            cpu = cpu_seconds(server.pid) - cpu
             rps = next(
                 float(line.split()[1]) for line in out.splitlines() if line.startswith("Requests/sec:")
             )

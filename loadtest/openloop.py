@@ -5,12 +5,14 @@ request's *scheduled* start, so a stall in the server shows up in full (no coord
 It is built to cost the server under test as little as possible: uvloop, pre-encoded request
 bytes, httptools to parse the answers, keep-alive connections reused from an idle pool (a new one
 is opened only when every connection is busy). For a stream it also records the time to the first
-content chunk.
+content chunk. Also the small helpers the benchmarks share (a free port, a process's CPU time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,6 @@ class Result:
     latencies: list[float] = field(default_factory=list)  # seconds, scheduled start -> last byte
     ttfts: list[float] = field(default_factory=list)  # seconds, scheduled start -> first content
     errors: int = 0
-    connections: int = 0
 
 
 class _Conn(asyncio.Protocol):
@@ -35,7 +36,6 @@ class _Conn(asyncio.Protocol):
         self.started = 0.0
         self.first: float | None = None
         self.measured = False
-        self.lost = asyncio.get_running_loop().create_future()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -50,8 +50,6 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.started:
             self._finish(0)
-        if not self.lost.done():
-            self.lost.set_result(None)
 
     # httptools callbacks
     def on_body(self, body: bytes) -> None:
@@ -72,6 +70,19 @@ class _Conn(asyncio.Protocol):
         started, self.started = self.started, 0.0
         end = time.perf_counter()
         self.on_done(self, end - started, None if self.first is None else self.first - started, status)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def request_bytes(url: str, body: bytes, headers: dict[str, str]) -> bytes:
@@ -118,7 +129,6 @@ async def run(
     async def connect() -> _Conn:
         _, conn = await loop.create_connection(lambda: _Conn(on_done), host, port)
         every.append(conn)
-        result.connections += 1
         return conn
 
     for _ in range(16):
