@@ -9,6 +9,19 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+DROP = object()  # a claim value meaning "leave this claim out"
+
+
+def with_claims(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` applied; a claim set to DROP is removed."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is DROP:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
 
 def b64(data: bytes) -> str:
     """base64url without padding, as JWS segments are written."""

@@ -27,14 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from loadtest.vllm_sim import SimulatorThread
 from tests.conftest import SECRET, GatewayProcess, gateway_config
-from tests.jwt_helpers import b64, public_jwk
+from tests.jwt_helpers import DROP, b64, public_jwk, with_claims
 
 AUD, ISS = "llm-gateway", "tests"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 INVALID = "Invalid or expired API key."
 MISSING = "Missing API key: send 'Authorization: Bearer <token>'."
 CHAT = {"model": "assistant", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
-_DROP = object()  # a claim value meaning "leave this claim out"
 
 
 # -- token crafting (by hand, so that every malformed variant is possible) --------------------------
@@ -54,13 +53,7 @@ def rs_token(header: Any, payload: Any, key: rsa.RSAPrivateKey) -> str:
 
 def claims(sub: str, /, **over: Any) -> dict[str, Any]:
     now = int(time.time())
-    base: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + 600, "aud": AUD, "iss": ISS}
-    for k, v in over.items():
-        if v is _DROP:
-            base.pop(k, None)
-        else:
-            base[k] = v
-    return base
+    return with_claims({"sub": sub, "iat": now, "exp": now + 600, "aud": AUD, "iss": ISS}, over)
 
 
 def hs(sub: str, /, **over: Any) -> str:
@@ -309,15 +302,15 @@ CASES = [
     # time claims (leeway 30 s)
     Case("expired_beyond_leeway", lambda k, s: B(hs(s, iat=now_s() - 600, exp=now_s() - 45))),
     Case("expired_long_ago", lambda k, s: B(hs(s, iat=now_s() - 86400 * 2, exp=now_s() - 86400))),
-    Case("missing_exp", lambda k, s: B(hs(s, exp=_DROP))),
-    Case("missing_iat", lambda k, s: B(hs(s, iat=_DROP))),
+    Case("missing_exp", lambda k, s: B(hs(s, exp=DROP))),
+    Case("missing_iat", lambda k, s: B(hs(s, iat=DROP))),
     Case("exp_as_string", lambda k, s: B(hs(s, exp=str(now_s() + 600)))),
     Case("exp_as_boolean", lambda k, s: B(hs(s, exp=True))),
     Case("future_nbf", lambda k, s: B(hs(s, nbf=now_s() + 3600))),
     Case("nbf_just_beyond_leeway", lambda k, s: B(hs(s, nbf=now_s() + 90))),
     Case("future_iat", lambda k, s: B(hs(s, iat=now_s() + 3600))),
     # identity claims
-    Case("missing_sub", lambda k, s: B(hs(s, sub=_DROP))),
+    Case("missing_sub", lambda k, s: B(hs(s, sub=DROP))),
     Case("empty_sub", lambda k, s: B(hs(s, sub=""))),
     Case("numeric_sub", lambda k, s: B(hs(s, sub=12345))),
     Case("oversized_sub", lambda k, s: B(hs(s, sub=s + "x" * 300))),
@@ -327,12 +320,12 @@ CASES = [
     Case("header_is_a_list", lambda k, s: B(hs_token(["HS256"], claims(s)))),
     # audience / issuer
     Case("wrong_aud", lambda k, s: B(hs(s, aud="billing-service"))),
-    Case("missing_aud", lambda k, s: B(hs(s, aud=_DROP))),
+    Case("missing_aud", lambda k, s: B(hs(s, aud=DROP))),
     Case("aud_superstring", lambda k, s: B(hs(s, aud=AUD + "-staging"))),
     Case("aud_substring", lambda k, s: B(hs(s, aud=AUD[:-1]))),
     Case("aud_list_without_ours", lambda k, s: B(hs(s, aud=["billing", AUD.upper()]))),
     Case("wrong_iss", lambda k, s: B(hs(s, iss="https://evil.example.com"))),
-    Case("missing_iss", lambda k, s: B(hs(s, iss=_DROP))),
+    Case("missing_iss", lambda k, s: B(hs(s, iss=DROP))),
     Case("iss_substring", lambda k, s: B(hs(s, iss=ISS[:-1]))),
     Case("iss_superstring_suffix", lambda k, s: B(hs(s, iss=ISS + ".evil.example"))),
     Case("iss_superstring_prefix", lambda k, s: B(hs(s, iss="https://evil.example/" + ISS))),

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from proxy.auth import INVALID, MISSING, Authenticator, ensure_secret, mint_token, parse_ttl
 from proxy.errors import PermissionDenied, Unauthorized
 from proxy.settings import AuthSettings
-from tests.jwt_helpers import b64, public_jwk
+from tests.jwt_helpers import DROP, b64, public_jwk, with_claims
 
 NOW = 1_700_000_000.0
 SECRET = "unit-test-secret-0123456789abcdef0123456789abcdef"
@@ -47,16 +47,9 @@ def pem_public(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
 
 
 def claims(**over: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"sub": "alice", "iat": int(NOW), "exp": int(NOW) + 600, "aud": AUD, "iss": ISSUER}
-    for k, v in over.items():
-        if v is _DROP:
-            base.pop(k, None)
-        else:
-            base[k] = v
-    return base
-
-
-_DROP = object()
+    return with_claims(
+        {"sub": "alice", "iat": int(NOW), "exp": int(NOW) + 600, "aud": AUD, "iss": ISSUER}, over
+    )
 
 
 def hs(
@@ -90,9 +83,9 @@ CASES: list[tuple[str, Callable[[], list[str]], bool]] = [
     ("surrounding whitespace", lambda: [f"  Bearer   {hs()}  "], True),
     ("expired within leeway", lambda: bearer(hs(claims(exp=int(NOW) - 10))), True),
     ("expired beyond leeway", lambda: bearer(hs(claims(exp=int(NOW) - 31))), False),
-    ("missing exp", lambda: bearer(hs(claims(exp=_DROP))), False),
-    ("missing iat", lambda: bearer(hs(claims(iat=_DROP))), False),
-    ("missing sub", lambda: bearer(hs(claims(sub=_DROP))), False),
+    ("missing exp", lambda: bearer(hs(claims(exp=DROP))), False),
+    ("missing iat", lambda: bearer(hs(claims(iat=DROP))), False),
+    ("missing sub", lambda: bearer(hs(claims(sub=DROP))), False),
     ("empty sub", lambda: bearer(hs(claims(sub=""))), False),
     ("numeric sub", lambda: bearer(raw_token({"alg": "HS256"}, claims(sub=42))), False),
     ("exp as string", lambda: bearer(raw_token({"alg": "HS256"}, claims(exp="9999999999"))), False),
@@ -103,14 +96,14 @@ CASES: list[tuple[str, Callable[[], list[str]], bool]] = [
     ("future nbf within leeway", lambda: bearer(hs(claims(nbf=int(NOW) + 20))), True),
     ("past nbf", lambda: bearer(hs(claims(nbf=int(NOW) - 100))), True),
     ("wrong audience", lambda: bearer(hs(claims(aud="other"))), False),
-    ("missing audience", lambda: bearer(hs(claims(aud=_DROP))), False),
+    ("missing audience", lambda: bearer(hs(claims(aud=DROP))), False),
     ("audience list containing ours", lambda: bearer(hs(claims(aud=["x", AUD]))), True),
     ("audience substring", lambda: bearer(hs(claims(aud="llm-gateway-evil"))), False),
     ("wrong issuer", lambda: bearer(hs(claims(iss="https://evil.example.com"))), False),
     ("issuer with suffix", lambda: bearer(hs(claims(iss=ISSUER + ".evil"))), False),
     ("issuer prefix only", lambda: bearer(hs(claims(iss="https://issuer.example"))), False),
     ("issuer in a list", lambda: bearer(raw_token({"alg": "HS256"}, claims(iss=[ISSUER]))), False),
-    ("missing issuer", lambda: bearer(hs(claims(iss=_DROP))), False),
+    ("missing issuer", lambda: bearer(hs(claims(iss=DROP))), False),
     ("wrong secret", lambda: bearer(hs(key="another-secret-0123456789abcdef0123456789abcdef")), False),
     ("tampered payload", lambda: bearer(_tamper(hs())), False),
     ("alg not configured (HS512)", lambda: bearer(hs(key=SECRET * 2, alg="HS512")), False),
