@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import jwt
@@ -63,6 +63,15 @@ def _min_secret(algorithms: Iterable[str]) -> int:
     return max((_MIN_SECRET_BYTES[a] for a in algorithms if a in _MIN_SECRET_BYTES), default=32)
 
 
+class _Verified(NamedTuple):
+    """A token whose signature was checked: what it says, and the (alg, kid) key that checked it."""
+
+    principal: Principal
+    key: Any
+    alg: str
+    kid: str | None
+
+
 class Authenticator:
     """Verifies bearer JWTs from the Authorization header and turns them into a Principal."""
 
@@ -87,7 +96,7 @@ class Authenticator:
         # token -> (principal, the key that verified it): a client sends the same token on every
         # request, and PyJWT's decode is ~60% of authentication. Claims and the time window are
         # still checked on every request; the entry is dropped once its key is no longer current.
-        self._verified: dict[str, tuple[Principal, Any, str, str | None]] = {}
+        self._verified: dict[str, _Verified] = {}
         missing = self._algorithms - self._static.keys()
         if missing and not settings.jwks_url:
             raise ValueError(f"auth: no key for algorithm(s) {', '.join(sorted(missing))}")
@@ -144,20 +153,20 @@ class Authenticator:
         try:
             token = _bearer(authorization)
             known = self._verified.get(token)
-            if known is not None and self._current_key(known[2], known[3]) is known[1]:
+            if known is not None and self._current_key(known.alg, known.kid) is known.key:
                 try:
-                    self._check_times(known[0].claims)
+                    self._check_times(known.principal.claims)
                 except _Reject:
                     del self._verified[token]
                     raise
-                return known[0]
+                return known.principal
             header = _header(token)
             key = await self._key(header)
             payload = orjson.loads(
                 self._jws.decode_complete(token, key=key, algorithms=[header["alg"]])["payload"]
             )
             principal = self._principal(payload)
-            self._remember(token, (principal, key, header["alg"], header.get("kid")))
+            self._remember(token, _Verified(principal, key, header["alg"], header.get("kid")))
             return principal
         except (_Reject, jwt.PyJWTError, orjson.JSONDecodeError) as exc:
             log.debug("token refused: %s", type(exc).__name__ if not isinstance(exc, _Reject) else exc)
@@ -178,7 +187,7 @@ class Authenticator:
             raise _Reject("no key for this kid/alg")
         return key
 
-    def _remember(self, token: str, entry: tuple[Principal, Any, str, str | None]) -> None:
+    def _remember(self, token: str, entry: _Verified) -> None:
         if len(self._verified) >= _VERIFIED_MAX:  # forget the oldest entry
             del self._verified[next(iter(self._verified))]
         self._verified[token] = entry

@@ -138,15 +138,14 @@ class HttpMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self._exact = {path: path for path in routes if "{" not in path}
+        self._exact = frozenset(path for path in routes if "{" not in path)
         self._prefixes = [(path.split("{")[0], path) for path in routes if "{" in path]
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def handler(self, path: str) -> str:
         """The route template for a path; "none" for a path no route serves (bounded labels)."""
-        found = self._exact.get(path)
-        if found is not None:
-            return found
+        if path in self._exact:
+            return path
         for prefix, template in self._prefixes:
             if path.startswith(prefix):
                 return template
