@@ -40,8 +40,8 @@ from proxy.cache_replay import (
 from proxy.cache_store import MemoryStore, RedisStore, SemanticEntry, Store
 from proxy.cache_verify import disagreement
 from proxy.embedding import Embedder, EmbeddingError
+from proxy.limit_store import Peek
 from proxy.protocol import ChatRequest
-from proxy.ratelimit import Peek
 from proxy.settings import CacheSettings, ModelSettings
 
 log = logging.getLogger(__name__)

@@ -49,6 +49,13 @@ class Verdict:
     found: bytes | None = None  # that entry's value
 
 
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """What the admission read of the `free_if` entry: its value, or None when there is none."""
+
+    value: bytes | None
+
+
 class LimitStore(Protocol):
     shared: bool
 

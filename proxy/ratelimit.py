@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 
 from proxy.auth import Principal
 from proxy.errors import RateLimited, ServiceUnavailable
-from proxy.limit_store import LimitStore, LocalLimitStore, Quota, RedisLimitStore, Verdict
+from proxy.limit_store import LimitStore, LocalLimitStore, Peek, Quota, RedisLimitStore, Verdict
 from proxy.settings import LimitSettings
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,6 @@ class LimiterStats:
     settle_errors: int = 0
     degraded_admits: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: {"requests": 0, "tokens": 0, "emergency": 0})
-
-
-@dataclass(frozen=True, slots=True)
-class Peek:
-    """What the admission read of the `free_if` entry: its value, or None when there is none."""
-
-    value: bytes | None
 
 
 class Admission:
