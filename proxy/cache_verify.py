@@ -6,6 +6,8 @@ Before a candidate found by vector search is served, the stored user turn and th
 
 - language (Chinese or not): an answer is reused only in the language it was asked in;
 - numbers, in order (digits, Chinese numerals, English number words and ordinals, arithmetic signs);
+- what each number counts: the two content words / characters after it must share a word or word
+  form when both sides name something (30 tips / 30 quiz questions, 207个 / 207句 differ);
 - dates and times (weekdays, months, today/tomorrow, next/last week, morning/night, 今天/下周/去年, ...);
 - the number of negations (not/no/never/without/n't; 不/没/别/非/无/未/禁止, minus "是不是"-style
   questions and words such as 不同/特别/非常 that contain the character but do not negate);
@@ -37,6 +39,8 @@ def _mark(tag: str) -> str:
     return f" {_M0}{tag}{_M1} "
 
 
+UNIT_WORDS = 2  # what a number counts: the next two content words (English) or characters (Chinese)
+_UNIT_BREAK = re.compile(r"[,.;:?!()，。；：？！、（）]")
 _ZH_NEG_RE = re.compile(lx.ZH_NEG_PATTERN)
 _ZH_A_NOT_A = re.compile(lx.ZH_A_NOT_A_PATTERN)  # 是不是, 有没有, 可不可(以): questions, not negations
 _POLAR_ZH_RE = re.compile("|".join(sorted(lx.POLAR_ZH, key=len, reverse=True)))
@@ -52,6 +56,7 @@ class Features:
     polarity: tuple[tuple[str, int], ...]
     content: tuple[str, ...]  # content words (English) / characters (Chinese), framing words left out
     tokens: tuple[str, ...]  # every word / character, for the swap rule
+    units: tuple[tuple[str, ...], ...]  # per number: what it counts (the words / characters after it)
 
 
 def _cn_number(run: str) -> str:
@@ -170,11 +175,15 @@ def features(text: str) -> Features:
     for pattern, repl in lx.EN_CONTRACTIONS:
         raw = re.sub(pattern, repl, raw, flags=re.IGNORECASE)
     feats: dict[str, list[str]] = {"num": [], "date": [], "neg": [], "hard": [], "content": [], "tokens": []}
+    units: list[list[str]] = []
     prev, sentence_start, last_end = "", True, 0
     for m in _TOKEN_RE.finditer(raw):
-        if re.search(r"[.?!。？！]", raw[last_end : m.start()]):
+        gap = raw[last_end : m.start()]
+        if re.search(r"[.?!。？！]", gap):
             sentence_start = True
         last_end = m.end()
+        numbers = len(feats["num"])
+        unit = units[-1] if units and len(units[-1]) < UNIT_WORDS and not _UNIT_BREAK.search(gap) else None
         marker, digits, _ordinal, word, han = m.groups()
         if marker is not None:
             _marker(marker, feats)
@@ -187,12 +196,17 @@ def features(text: str) -> Features:
                 feats["hard"].append(word.lower())
             if token is not None:
                 feats["content"].append(token)
+                if unit is not None:
+                    unit.append(token)
             feats["tokens"].append(word.lower())
             prev = word.lower()
         elif han is not None:
             feats["tokens"].append(han)
             if han not in lx.ZH_STOP:
                 feats["content"].append(han)
+            if unit is not None:
+                unit.append(han)
+        units.extend([] for _ in range(len(feats["num"]) - numbers))
         sentence_start = False
     return Features(
         chinese=in_chinese,
@@ -203,6 +217,7 @@ def features(text: str) -> Features:
         polarity=_polarity(text),
         content=tuple(feats["content"]),
         tokens=tuple(feats["tokens"]),
+        units=tuple(tuple(u) for u in units),
     )
 
 
@@ -262,6 +277,17 @@ def _substitution(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
         return False
     sx, sy = "".join(a[i1:i2]), "".join(b[j1:j2])
     return not (sx.startswith(sy) or sy.startswith(sx))  # boil / boiling is a word form, not another word
+
+
+def _same_word(x: str, y: str) -> bool:
+    """Word forms of one word: boil / boiling, translate / translation (a shared 5-letter stem)."""
+    return x.startswith(y) or y.startswith(x) or (len(x) >= 5 and len(y) >= 5 and x[:5] == y[:5])
+
+
+def _counts_differ(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """True when the same number counts different things: 30 tips / 30 quiz questions, 207个 / 207句.
+    Lenient where a side names nothing (a number at the end) or the two share a word or a word form."""
+    return bool(a and b) and not any(_same_word(x, y) for x in a for y in b)
 
 
 def _disjoint(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -333,6 +359,7 @@ def disagreement(query: str, candidate: str) -> str | None:
     checks = (
         ("language", fq.chinese != fc.chinese),
         ("number", fq.numbers != fc.numbers),
+        ("unit", any(_counts_differ(x, y) for x, y in zip(fq.units, fc.units, strict=False))),
         ("date", fq.dates != fc.dates),
         ("negation", fq.negations != fc.negations),
         ("hard-token", fq.hard != fc.hard),

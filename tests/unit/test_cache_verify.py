@@ -22,12 +22,16 @@ SAME = [
     ("明天上海会下雨吗？", "上海明天下雨吗？"),
     ("北京到上海的高铁要坐多久？", "从北京坐高铁去上海需要几个小时？"),
     ("继续", "继续"),
+    ("How long should I boil 2 large eggs?", "How long do you boil two eggs?"),  # a shared word: eggs
+    ("Bake it for 30 min?", "Should I bake it for 30 minutes?"),  # a word form: min / minutes
+    ("2个小时能走多远？", "两小时能走多远？"),  # 小 is shared
+    ("Name 3 of them.", "Name 3 big rivers."),  # nothing named after one number: lenient
 ]
 
 DIFFERENT = [
     ("What is 2+3?", "What is 2+4?", "number"),
     ("What is 12 divided by 4?", "What is 4 divided by 12?", "number"),
-    ("2加3等于多少？", "2乘3等于多少？", "substitution"),
+    ("2加3等于多少？", "2乘3等于多少？", "unit"),  # 加 and 乘 follow the number
     ("一百公斤等于多少磅？", "一千公斤等于多少磅？", "number"),
     ("热力学第一定律是什么？", "热力学第二定律是什么？", "number"),
     ("What foods are safe for cats?", "What foods are not safe for cats?", "negation"),
@@ -48,6 +52,8 @@ DIFFERENT = [
     ("What is the boiling point of ethanol?", "What is the boiling point of methanol?", "substitution"),
     ("微信怎么转账？", "支付宝怎么转账？", "substitution"),
     ("低血糖有哪些症状？", "糖尿病有哪些症状？", "substitution"),
+    ("Give me 30 practical tips about wine tasting.", "Write 30 quiz questions on wine tasting.", "unit"),
+    ("急救常识有哪些常见误区？请列出207个。", "用207句话总结一下急救常识的优缺点。", "unit"),
     ("明天北京天气怎么样？", "明天上海会下雨吗？", "disjoint"),
     ("TCP与UDP的不同之处是什么？", "What is the difference between TCP and UDP?", "language"),
 ]
@@ -85,6 +91,11 @@ def test_look_alikes_are_refused(query: str, candidate: str, why: str) -> None:
 def test_features(text: str, numbers: tuple[str, ...], dates: tuple[str, ...], negations: int) -> None:
     f = features(text)
     assert (f.numbers, f.dates, f.negations) == (numbers, dates, negations)
+
+
+def test_units_are_what_each_number_counts() -> None:
+    assert features("Boil 2 large eggs for 3 minutes, then 1.").units == (("large", "egg"), ("minute",), ())
+    assert features("请列出207个。用3句话总结").units == (("个",), ("句", "话"))
 
 
 def test_product_like_tokens() -> None:
