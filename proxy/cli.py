@@ -71,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limit_max_requests=None,
         server_header=False,
         date_header=False,
+        proxy_headers=False,  # no client address is used or logged: one ASGI layer less
         log_level=settings.observability.log_level,
     )
     return 0
