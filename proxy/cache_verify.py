@@ -16,7 +16,8 @@ Before a candidate found by vector search is served, the stored user turn and th
 - direction words on a shared axis (buy/sell, upload/download, 上涨/下跌, 最高/最低);
 - terms linked by a directional word must not trade places (杭州到南京 / 南京到杭州, from X to Y);
 - the content words must not differ by one substituted stretch (ethanol/methanol, 微信/支付宝,
-  低血糖/糖尿病), and must share something at all.
+  低血糖/糖尿病), in the whole turn or in one clause of turns whose clauses line up, and must share
+  something at all.
 
 Only then does the similarity threshold decide. Every rule can only turn a hit into a miss, never the
 reverse, so a rule that is too strict costs recall (a backend call), not correctness. Pure functions;
@@ -353,6 +354,20 @@ def _swapped(a: list[str], b: list[str]) -> bool:
     return False
 
 
+_CLAUSE_RE = re.compile(r"[;:?!，。；：？！、]+|,(?!\d)|\.(?=\s|$)")
+
+
+def _clause_substitution(a: str, b: str) -> bool:
+    """The substitution rule clause by clause, for turns of two or more clauses that line up: "I'm a
+    nurse. Can you outline a plan for X?" / "I'm an engineer. ... for Y?" changes two stretches in
+    all, too many for the whole-turn rule, but the second clause alone is one substitution."""
+    ca = [c for c in (part.strip() for part in _CLAUSE_RE.split(a)) if c]
+    cb = [c for c in (part.strip() for part in _CLAUSE_RE.split(b)) if c]
+    if len(ca) < 2 or len(ca) != len(cb):
+        return False
+    return any(_substitution(features(x).content, features(y).content) for x, y in zip(ca, cb, strict=True))
+
+
 def disagreement(query: str, candidate: str) -> str | None:
     """Why `candidate` must not answer `query` (None: they may be the same question)."""
     fq, fc = features(query), features(candidate)
@@ -365,7 +380,7 @@ def disagreement(query: str, candidate: str) -> str | None:
         ("hard-token", fq.hard != fc.hard),
         ("polarity", _polarity_clash(fq.polarity, fc.polarity)),
         ("swap", _swapped(list(fq.tokens), list(fc.tokens)) or _inverted(fq.tokens, fc.tokens)),
-        ("substitution", _substitution(fq.content, fc.content)),
+        ("substitution", _substitution(fq.content, fc.content) or _clause_substitution(query, candidate)),
         ("disjoint", _disjoint(fq.content, fc.content)),
     )
     return next((name for name, failed in checks if failed), None)

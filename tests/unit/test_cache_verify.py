@@ -26,6 +26,8 @@ SAME = [
     ("Bake it for 30 min?", "Should I bake it for 30 minutes?"),  # a word form: min / minutes
     ("2个小时能走多远？", "两小时能走多远？"),  # 小 is shared
     ("Name 3 of them.", "Name 3 big rivers."),  # nothing named after one number: lenient
+    ("I have a cold. What should I eat?", "I have a cold. What foods are good to eat?"),  # two clauses
+    ("感冒了，应该吃什么？", "感冒了，吃什么比较好？"),
 ]
 
 DIFFERENT = [
@@ -52,6 +54,12 @@ DIFFERENT = [
     ("What is the boiling point of ethanol?", "What is the boiling point of methanol?", "substitution"),
     ("微信怎么转账？", "支付宝怎么转账？", "substitution"),
     ("低血糖有哪些症状？", "糖尿病有哪些症状？", "substitution"),
+    (  # two stretches changed in all, one in each clause: the clause-wise substitution rule
+        "I'm a nurse. Can you outline a 12-week plan to get started with photosynthesis?",
+        "I'm a software engineer. Can you outline a 12-week plan to get started with stargazing?",
+        "substitution",
+    ),
+    ("我是护士，请帮我制定一个12周的新能源汽车入门计划。", "我是退休老师，请帮我制定一个12周的茶文化入门计划。", "substitution"),
     ("Give me 30 practical tips about wine tasting.", "Write 30 quiz questions on wine tasting.", "unit"),
     ("急救常识有哪些常见误区？请列出207个。", "用207句话总结一下急救常识的优缺点。", "unit"),
     ("明天北京天气怎么样？", "明天上海会下雨吗？", "disjoint"),
