@@ -27,9 +27,11 @@ the word lists live in proxy.cache_lexicon.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 from proxy import cache_lexicon as lx
 
@@ -84,17 +86,30 @@ def _weekday_cn(m: re.Match[str]) -> str:
     return (_mark(rel) if rel else "") + _mark(f"wd:{lx.WEEKDAY_CN[m.group(2)]}")
 
 
+# Built once: the word lists as (word, marker) and the rewrites as compiled patterns.
+_ZH_MARKED = [(w, _mark(f"k:{w}")) for w in lx.ZH_NEUTRAL] + [(w, _mark(f"s:{w}")) for w in lx.ZH_FRAMING]
+_ZH_REWRITES: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(pattern), _weekday_cn if tag == "WD" else _mark(tag)) for pattern, tag in lx.ZH_REWRITES
+]
+_CN_NUM_RE = re.compile(f"[{lx.CN_NUM}]+")
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3})")
+_OP_RE = re.compile(r"(?<=\d)\s*([+*/×÷^=]|-(?=\s*\d))\s*(?=\d)")
+_HAN_RE = re.compile(r"[\u4e00-\u9fff]")
+_SENTENCE_END_RE = re.compile(r"[.?!。？！]")
+_CONTRACTIONS = [(re.compile(pattern, re.IGNORECASE), repl) for pattern, repl in lx.EN_CONTRACTIONS]
+_POLAR_PHRASES = [(re.compile(pattern), axis) for pattern, axis in lx.POLAR_EN_PHRASES]
+_LATIN_RE = re.compile(r"[a-z]+")
+
+
 def _rewrite_zh(text: str) -> str:
+    if not _HAN_RE.search(text):
+        return text  # every word and pattern below is Chinese
     text = _ZH_A_NOT_A.sub(r"\1", text).replace("十分钟", "10分钟")  # 十分 alone means "very"
-    for word in lx.ZH_NEUTRAL:
-        text = text.replace(word, _mark(f"k:{word}"))
-    for word in lx.ZH_FRAMING:
-        text = text.replace(word, _mark(f"s:{word}"))
-    for pattern, tag in lx.ZH_REWRITES:
-        if tag == "WD":
-            text = re.sub(pattern, _weekday_cn, text)
-        else:
-            text = re.sub(pattern, _mark(tag), text)
+    for word, marked in _ZH_MARKED:
+        if word in text:
+            text = text.replace(word, marked)
+    for pattern, repl in _ZH_REWRITES:
+        text = pattern.sub(repl, text)
 
     def numeral(m: re.Match[str]) -> str:
         run, after = m.group(0), text[m.end() : m.end() + 1]
@@ -103,13 +118,13 @@ def _rewrite_zh(text: str) -> str:
             return " "  # "一" alone is an article ("一个问题"), not a number
         return _mark(f"n:{_cn_number(run)}")
 
-    return re.sub(f"[{lx.CN_NUM}]+", numeral, text)
+    return _CN_NUM_RE.sub(numeral, text)
 
 
 def _normalize(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
-    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
-    text = re.sub(r"(?<=\d)\s*([+*/×÷^=]|-(?=\s*\d))\s*(?=\d)", lambda m: _mark("op:" + m.group(1)), text)
+    text = _THOUSANDS_RE.sub("", text)
+    text = _OP_RE.sub(lambda m: _mark("op:" + m.group(1)), text)
     return _rewrite_zh(text)
 
 
@@ -119,9 +134,9 @@ _TOKEN_RE = re.compile(
 
 
 def _is_hard_latin(word: str, sentence_start: bool, in_chinese: bool) -> bool:
-    if in_chinese or any(c.isdigit() for c in word):
-        return True
-    if len(word) >= 2 and (word.isupper() or any(c.isupper() for c in word[1:])):
+    if in_chinese or not word.replace("'", "").replace("’", "").replace(".", "").replace("-", "").isalpha():
+        return True  # a digit inside (GPT-4, XPS13)
+    if len(word) >= 2 and (word.isupper() or not word[1:].islower()):
         return True
     if len(word) == 1:
         return word.isupper() and word not in ("I", "A")
@@ -168,19 +183,21 @@ def _stem(word: str) -> str:
     return word
 
 
+@functools.lru_cache(maxsize=4096)
 def features(text: str) -> Features:
-    """Extract the hard features of one user turn."""
+    """Extract the hard features of one user turn (or clause). Remembered: a query is checked
+    against up to three candidates, and popular stored turns come back as candidates again."""
     text = unicodedata.normalize("NFKC", text)
     raw = _normalize(text)
-    in_chinese = len(re.findall(r"[\u4e00-\u9fff]", text)) >= 2
-    for pattern, repl in lx.EN_CONTRACTIONS:
-        raw = re.sub(pattern, repl, raw, flags=re.IGNORECASE)
+    in_chinese = len(_HAN_RE.findall(text)) >= 2
+    for pattern, repl in _CONTRACTIONS:
+        raw = pattern.sub(repl, raw)
     feats: dict[str, list[str]] = {"num": [], "date": [], "neg": [], "hard": [], "content": [], "tokens": []}
     units: list[list[str]] = []
     prev, sentence_start, last_end = "", True, 0
     for m in _TOKEN_RE.finditer(raw):
         gap = raw[last_end : m.start()]
-        if re.search(r"[.?!。？！]", gap):
+        if _SENTENCE_END_RE.search(gap):
             sentence_start = True
         last_end = m.end()
         numbers = len(feats["num"])
@@ -244,8 +261,8 @@ def _count_zh_negations(text: str) -> int:
 def _polarity(text: str) -> tuple[tuple[str, int], ...]:
     found = [lx.POLAR_ZH[m.group(0)] for m in _POLAR_ZH_RE.finditer(text)]
     lower = text.lower()
-    found += [lx.POLAR_EN[w] for w in re.findall(r"[a-z]+", lower) if w in lx.POLAR_EN]
-    found += [axis for pattern, axis in lx.POLAR_EN_PHRASES if re.search(pattern, lower)]
+    found += [lx.POLAR_EN[w] for w in _LATIN_RE.findall(lower) if w in lx.POLAR_EN]
+    found += [axis for pattern, axis in _POLAR_PHRASES if pattern.search(lower)]
     return tuple(sorted(found))
 
 
