@@ -30,6 +30,7 @@ import difflib
 import functools
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,9 +135,9 @@ _TOKEN_RE = re.compile(
 
 
 def _is_hard_latin(word: str, sentence_start: bool, in_chinese: bool) -> bool:
-    if in_chinese or not word.replace("'", "").replace("’", "").replace(".", "").replace("-", "").isalpha():
-        return True  # a digit inside (GPT-4, XPS13)
-    if len(word) >= 2 and (word.isupper() or not word[1:].islower()):
+    if in_chinese or any(c.isdigit() for c in word):
+        return True
+    if len(word) >= 2 and (word.isupper() or any(c.isupper() for c in word[1:])):
         return True
     if len(word) == 1:
         return word.isupper() and word not in ("I", "A")
@@ -388,16 +389,20 @@ def _clause_substitution(a: str, b: str) -> bool:
 def disagreement(query: str, candidate: str) -> str | None:
     """Why `candidate` must not answer `query` (None: they may be the same question)."""
     fq, fc = features(query), features(candidate)
-    checks = (
-        ("language", fq.chinese != fc.chinese),
-        ("number", fq.numbers != fc.numbers),
-        ("unit", any(_counts_differ(x, y) for x, y in zip(fq.units, fc.units, strict=False))),
-        ("date", fq.dates != fc.dates),
-        ("negation", fq.negations != fc.negations),
-        ("hard-token", fq.hard != fc.hard),
-        ("polarity", _polarity_clash(fq.polarity, fc.polarity)),
-        ("swap", _swapped(list(fq.tokens), list(fc.tokens)) or _inverted(fq.tokens, fc.tokens)),
-        ("substitution", _substitution(fq.content, fc.content) or _clause_substitution(query, candidate)),
-        ("disjoint", _disjoint(fq.content, fc.content)),
+    # evaluated in order, only until the first failure, which is the reason given
+    checks: tuple[tuple[str, Callable[[], bool]], ...] = (
+        ("language", lambda: fq.chinese != fc.chinese),
+        ("number", lambda: fq.numbers != fc.numbers),
+        ("unit", lambda: any(_counts_differ(x, y) for x, y in zip(fq.units, fc.units, strict=True))),
+        ("date", lambda: fq.dates != fc.dates),
+        ("negation", lambda: fq.negations != fc.negations),
+        ("hard-token", lambda: fq.hard != fc.hard),
+        ("polarity", lambda: _polarity_clash(fq.polarity, fc.polarity)),
+        ("swap", lambda: _swapped(list(fq.tokens), list(fc.tokens)) or _inverted(fq.tokens, fc.tokens)),
+        (
+            "substitution",
+            lambda: _substitution(fq.content, fc.content) or _clause_substitution(query, candidate),
+        ),
+        ("disjoint", lambda: _disjoint(fq.content, fc.content)),
     )
-    return next((name for name, failed in checks if failed), None)
+    return next((name for name, failed in checks if failed()), None)
