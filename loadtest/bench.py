@@ -202,7 +202,7 @@ def _report(rate: float, stream: bool, d: list[float], g: list[float]) -> str:
 
 
 async def cpu_per_request(
-    via: tuple[str, dict[str, str]], gw_pid: int, seconds: int, rate: float = 1000
+    via: tuple[str, dict[str, str]], gw_pid: int, seconds: int, rate: float
 ) -> None:
     """The gateway's own CPU per exact miss and per exact hit at a fixed rate below saturation: a
     steadier ratio than two closed-loop maxima (each run's luck with the scheduler differs)."""

@@ -199,15 +199,16 @@ class Gateway:
         call.completion_id = call.request_id  # replays carry the request id as their completion id
         rid, created, model = call.request_id, int(time.time()), prep.req.model
         self._set_route_headers(call)
+        checked = self.guard.output_checked(hit.policy)  # stored filtered: re-check only if lists changed
         if prep.req.stream:
             include_usage = prep.req.include_usage
             chunks = replay_chunks(
                 hit, request_id=rid, created=created, model=model, include_usage=include_usage
             )
-            filt = None if self.guard.output_checked(hit.policy) else self.guard.stream_filter()
+            filt = None if checked else self.guard.stream_filter()
             return SSEResponse(self._replay(chunks, filt, prep, call), call.headers)
         completion = replay_completion(hit, request_id=rid, created=created, model=model)
-        if not self.guard.output_checked(hit.policy):  # stored filtered: re-check only if lists changed
+        if not checked:
             completion = self._filter_output(completion, call)
         call.completion_tokens = int((completion.get("usage") or {}).get("completion_tokens", 0))
         if prep.admission.reserved:  # a semantic hit: refund; an exact hit reserved nothing
