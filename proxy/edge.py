@@ -117,17 +117,13 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
             raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
     parts: list[bytes] = []
     size = 0
-
-    async def consume() -> None:
-        nonlocal size
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
-            parts.append(part)
-
     try:
-        await asyncio.wait_for(consume(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 that makes a task per call
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise errors.PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+                parts.append(part)
     except TimeoutError:
         raise errors.InvalidRequest(
             "The request body was not received in time.", code="body_timeout"

@@ -14,6 +14,7 @@ Feedback is last-write-wins: rating a completion again replaces its score in the
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import sys
@@ -77,7 +78,12 @@ def sample_fields(s: Sample) -> Fields:
 
 def owner_of(principal: Principal) -> str:
     """Who received a completion: a digest of (tenant, sub), never the raw subject."""
-    return hashlib.sha256(f"{principal.tenant}\x00{principal.sub}".encode()).hexdigest()[:32]
+    return _owner(principal.tenant, principal.sub)
+
+
+@functools.lru_cache(maxsize=16_384)  # every request records its owner; the same few callers repeat
+def _owner(tenant: str, sub: str) -> str:
+    return hashlib.sha256(f"{tenant}\x00{sub}".encode()).hexdigest()[:32]
 
 
 class FeedbackIn(BaseModel):

@@ -21,6 +21,7 @@ as soon as a probe succeeds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -108,7 +109,12 @@ def format_duration(seconds: float) -> str:
 
 def _identity(principal: Principal) -> str:
     """A fixed-shape key part for (tenant, sub): no claim value can change the key's structure."""
-    raw = f"{len(principal.tenant)}:{principal.tenant}|{principal.sub}".encode("utf-8", "surrogatepass")
+    return _identity_of(principal.tenant, principal.sub)
+
+
+@functools.lru_cache(maxsize=16_384)  # once per request; the same few callers repeat
+def _identity_of(tenant: str, sub: str) -> str:
+    raw = f"{len(tenant)}:{tenant}|{sub}".encode("utf-8", "surrogatepass")
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
