@@ -11,9 +11,10 @@ CN_NUM = "零〇一二两三四五六七八九十百千万亿"
 WEEKDAY_CN = {"一": 1, "二": 2, "三": 3, "四": 4, "五": 5, "六": 6, "日": 7, "天": 7}
 
 # Chinese rewrites, applied in order: words that contain a numeral or a negation character without
-# being one are neutralized first; then dates and times become markers.
+# being one are neutralized first (一下 and 一点 are framing words: ZH_FRAMING); then dates and times
+# become markers.
 ZH_NEUTRAL = (
-    "十分 万一 一些 一样 一起 一定 一直 一般 一切 一下 一点儿 一会 统一 唯一 之一 "
+    "十分 万一 一些 一样 一起 一定 一直 一般 一切 一点儿 一会 统一 唯一 之一 "
     "一致 一旦 一边 一共 三明治 不过 不错 不同 不仅 不断 不久 不少 不管 不如 差不多 "
     "对不起 了不起 不得不 别人 别的 特别 区别 分别 类别 性别 级别 识别 告别 个别 差别 "
     "鉴别 辨别 判别 离别 别墅 别名 别处 非常 是非 非洲 无论 无聊 无线 未来 莫名"

@@ -16,8 +16,9 @@ Before a candidate found by vector search is served, the stored user turn and th
 - direction words on a shared axis (buy/sell, upload/download, 上涨/下跌, 最高/最低);
 - terms linked by a directional word must not trade places (杭州到南京 / 南京到杭州, from X to Y);
 - the content words must not differ by one substituted stretch (ethanol/methanol, 微信/支付宝,
-  低血糖/糖尿病), in the whole turn or in one clause of turns whose clauses line up, and must share
-  something at all.
+  低血糖/糖尿病) or by several stretches each replaced by something unrelated (给程序员...数据库索引 /
+  给高中生...机器学习入门), in the whole turn or in one clause of turns whose clauses line up, and must
+  share something at all.
 
 Only then does the similarity threshold decide. Every rule can only turn a hit into a miss, never the
 reverse, so a rule that is too strict costs recall (a backend call), not correctness. Pure functions;
@@ -87,8 +88,12 @@ def _weekday_cn(m: re.Match[str]) -> str:
     return (_mark(rel) if rel else "") + _mark(f"wd:{lx.WEEKDAY_CN[m.group(2)]}")
 
 
-# Built once: the word lists as (word, marker) and the rewrites as compiled patterns.
-_ZH_MARKED = [(w, _mark(f"k:{w}")) for w in lx.ZH_NEUTRAL] + [(w, _mark(f"s:{w}")) for w in lx.ZH_FRAMING]
+# Built once: the word lists as (word, marker) and the rewrites as compiled patterns. A marker names
+# its word by number, so no later rewrite can match inside it (一 in 一些 is not a numeral).
+_ZH_WORDS = (*lx.ZH_NEUTRAL, *lx.ZH_FRAMING)
+_ZH_MARKED = [
+    (w, _mark(f"{'k' if i < len(lx.ZH_NEUTRAL) else 's'}:{i}")) for i, w in enumerate(_ZH_WORDS)
+]
 _ZH_REWRITES: list[tuple[re.Pattern[str], Any]] = [
     (re.compile(pattern), _weekday_cn if tag == "WD" else _mark(tag)) for pattern, tag in lx.ZH_REWRITES
 ]
@@ -242,6 +247,8 @@ def features(text: str) -> Features:
 
 def _marker(tag: str, feats: dict[str, list[str]]) -> None:
     kind, _, value = tag.partition(":")
+    if kind in ("k", "s"):
+        value = _ZH_WORDS[int(value)]
     if kind in ("n", "op"):
         feats["num"].append(value if kind == "n" else tag)
     elif kind == "k":  # a word that contains a numeral or negation character but is neither
@@ -275,12 +282,16 @@ def _polarity_clash(a: tuple[tuple[str, int], ...], b: tuple[tuple[str, int], ..
 
 
 def _substitution(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """True when b is a with one stretch of content replaced by another (not by a word form).
+    """True when b is a with content replaced by other content (not by a word form): one stretch, or
+    several stretches each replaced by something unrelated."""
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    return _one_stretch(a, b, ops) or _unrelated_stretches(a, b, ops)
 
-    One replaced stretch, or - for Chinese, compared character by character - a short one (at most 3
+
+def _one_stretch(a: tuple[str, ...], b: tuple[str, ...], ops: list[Any]) -> bool:
+    """One replaced stretch, or - for Chinese, compared character by character - a short one (at most 3
     characters a side) around one unchanged character (低血糖 / 糖尿病). Some content must stay unchanged.
     """
-    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
     changed = [op for op in ops if op[0] != "equal"]
     if len(changed) == 1 and changed[0][0] == "replace":
         _, i1, i2, j1, j2 = changed[0]
@@ -296,6 +307,40 @@ def _substitution(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
         return False
     sx, sy = "".join(a[i1:i2]), "".join(b[j1:j2])
     return not (sx.startswith(sy) or sy.startswith(sx))  # boil / boiling is a word form, not another word
+
+
+def _unrelated_stretches(a: tuple[str, ...], b: tuple[str, ...], ops: list[Any]) -> bool:
+    """Every changed stretch replaced by unrelated content, around at least two unchanged tokens:
+    给程序员讲清楚数据库索引 / 给高中生讲清楚机器学习入门 (audience and topic both changed). One
+    unchanged Chinese character inside a stretch does not split it (家庭理财 / 时间管理 share 理)."""
+    stretches: list[list[int]] = []  # [i1, i2, j1, j2]
+    unchanged, bridged = 0, False
+    for k, (tag, i1, i2, j1, j2) in enumerate(ops):
+        if tag != "equal":
+            if bridged:
+                stretches[-1][1], stretches[-1][3] = i2, j2
+            else:
+                stretches.append([i1, i2, j1, j2])
+            bridged = False
+        elif stretches and k < len(ops) - 1 and i2 - i1 == 1 and _is_han(a[i1]):
+            bridged = True  # a change follows: one stretch across this character
+        else:
+            unchanged += i2 - i1
+    if not stretches or unchanged < 2:
+        return False
+    return all(_unrelated(a[i1:i2], b[j1:j2]) for i1, i2, j1, j2 in stretches)
+
+
+def _unrelated(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """Nothing in common: no word or word form; Chinese stretches of 3+ characters sharing at most
+    one character when both have 4+ (shorter ones are too often rewrites: 截图 / 截屏).
+    An insertion or a deletion adds or drops a detail and is not a replacement."""
+    if not x or not y:
+        return False
+    if any(_is_han(t) for t in (*x, *y)):
+        shortest = min(len(x), len(y))
+        return shortest >= 3 and len(set(x) & set(y)) <= (1 if shortest >= 4 else 0)
+    return not any(_same_word(p, q) for p in x for q in y)
 
 
 def _same_word(x: str, y: str) -> bool:

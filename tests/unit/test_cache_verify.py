@@ -28,6 +28,8 @@ SAME = [
     ("Name 3 of them.", "Name 3 big rivers."),  # nothing named after one number: lenient
     ("I have a cold. What should I eat?", "I have a cold. What foods are good to eat?"),  # two clauses
     ("感冒了，应该吃什么？", "感冒了，吃什么比较好？"),
+    ("Python里怎么把字符串转成整数？", "在Python中如何将字符串转换为整数？"),  # two short rewrites
+    ("世界上最高的山是哪座？", "全球海拔最高的山峰是什么？"),
 ]
 
 DIFFERENT = [
@@ -60,6 +62,18 @@ DIFFERENT = [
         "substitution",
     ),
     ("我是护士，请帮我制定一个12周的新能源汽车入门计划。", "我是退休老师，请帮我制定一个12周的茶文化入门计划。", "substitution"),
+    (  # audience and topic both replaced, in one clause: several unrelated stretches
+        "如果要在23分钟内给程序员讲清楚数据库索引，你会怎么讲？",
+        "如果要在23分钟内给高中生讲清楚机器学习入门，你会怎么讲？",
+        "substitution",
+    ),
+    ("过去231年里，家庭理财有哪些变化？", "过去231年里，时间管理有哪些变化？", "substitution"),  # share 理
+    ("用128句话总结一下微服务架构的优缺点。", "用128句话总结一下摄影构图的优缺点。", "substitution"),
+    (
+        "List 123 questions a complete beginner should ask before getting into sleep hygiene.",
+        "List 123 questions a university student should ask before getting into healthy meal prep.",
+        "substitution",
+    ),
     ("Give me 30 practical tips about wine tasting.", "Write 30 quiz questions on wine tasting.", "unit"),
     ("急救常识有哪些常见误区？请列出207个。", "用207句话总结一下急救常识的优缺点。", "unit"),
     ("明天北京天气怎么样？", "明天上海会下雨吗？", "disjoint"),
@@ -104,6 +118,14 @@ def test_features(text: str, numbers: tuple[str, ...], dates: tuple[str, ...], n
 def test_units_are_what_each_number_counts() -> None:
     assert features("Boil 2 large eggs for 3 minutes, then 1.").units == (("large", "egg"), ("minute",), ())
     assert features("请列出207个。用3句话总结").units == (("个",), ("句", "话"))
+
+
+def test_words_kept_whole_are_not_rewritten_inside() -> None:
+    """一些 / 统一 / 之一 hold 一 without being numbers, 一下 is framing: none is taken apart."""
+    assert features("统一一些标准之一").content == ("统一", "一些", "标", "准", "之一")
+    assert features("解释一下十分钟").content == ("解", "释", "分", "钟")
+    assert features("解释一下十分钟").numbers == ("10",)
+    assert features("概括一下情节").tokens == ("概", "括", "一下", "情", "节")
 
 
 def test_product_like_tokens() -> None:
