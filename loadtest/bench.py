@@ -109,6 +109,12 @@ def _body(i: int, stream: bool, model: str = "assistant", **extra: Any) -> bytes
     )
 
 
+def fresh_bodies(tag: str, n: int) -> list[bytes]:
+    """`n` deterministic (temperature 0) questions no earlier run asked: each an exact-cache miss."""
+    template = _body(0, False, temperature=0)
+    return [template.replace(b"number 0?", f"{tag}-{i}?".encode()) for i in range(n)]
+
+
 async def open_loop(
     url: str, headers: dict[str, str], rate: float, seconds: float, stream: bool
 ) -> list[float]:
@@ -206,19 +212,15 @@ async def cpu_per_request(
 ) -> None:
     """The gateway's own CPU per exact miss and per exact hit at a fixed rate below saturation: a
     steadier ratio than two closed-loop maxima (each run's luck with the scheduler differs)."""
-    run = time.time_ns()
-    total = int(rate * seconds) + 200
-    misses = [
-        _body(0, False, temperature=0).replace(b"number 0?", f"{run}-{i}?".encode()) for i in range(total)
-    ]
+    warmup = 200
+    misses = fresh_bodies(str(time.time_ns()), int(rate * seconds) + warmup)
     hits = [_body(1, False, temperature=0)]
     out = {}
     for name, bodies in (("miss", misses), ("hit", hits)):
         before = openloop.cpu_seconds(gw_pid)
-        result = await openloop.run(via[0], bodies, via[1], rate, seconds)
-        out[name] = (
-            (openloop.cpu_seconds(gw_pid) - before) / (len(result.latencies) + result.errors + 200) * 1e6
-        )
+        result = await openloop.run(via[0], bodies, via[1], rate, seconds, warmup=warmup)
+        sent = len(result.latencies) + result.errors + warmup
+        out[name] = (openloop.cpu_seconds(gw_pid) - before) / sent * 1e6
     print(
         f"  gateway CPU per request at {rate:.0f} req/s: miss {out['miss']:.0f} us, hit {out['hit']:.0f} us "
         f"({out['miss'] / out['hit']:.2f}x)"

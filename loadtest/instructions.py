@@ -31,7 +31,7 @@ import uvloop
 import yaml
 
 from loadtest import openloop
-from loadtest.bench import _body, _config, _token, _wait_http
+from loadtest.bench import _body, _config, _token, _wait_http, fresh_bodies
 
 
 def _total(dump: Path) -> int:
@@ -74,18 +74,13 @@ async def measure(args: argparse.Namespace, gateway: Counted, sim_port: int, gw_
     url = f"http://127.0.0.1:{gw_port}/v1/chat/completions"
     headers = {"content-type": "application/json", "authorization": f"Bearer {_token()}"}
     run = time.time_ns()
-
-    def fresh(tag: str, n: int) -> list[bytes]:
-        template = _body(0, False, temperature=0)
-        return [template.replace(b"number 0?", f"{run}-{tag}-{i}?".encode()) for i in range(n)]
-
     hit = [_body(1, False, temperature=0)]
     await openloop.run(url, hit, headers, 20, 10, warmup=0)  # stores the hit; code paths warmed up
-    await openloop.run(url, fresh("warm", 200), headers, 20, 10, warmup=0)
+    await openloop.run(url, fresh_bodies(f"{run}-warm", 200), headers, 20, 10, warmup=0)
     counts: dict[str, list[float]] = {"hit": [], "miss": []}
     for r in range(args.rounds):
         counts["hit"].append(await gateway.measure(url, hit, headers, args.requests))
-        misses = fresh(str(r), args.requests)
+        misses = fresh_bodies(f"{run}-{r}", args.requests)
         counts["miss"].append(await gateway.measure(url, misses, headers, args.requests))
         print(f"  round {r}: hit {counts['hit'][-1] / 1e3:,.0f}k  miss {counts['miss'][-1] / 1e3:,.0f}k "
               "instructions per request", flush=True)

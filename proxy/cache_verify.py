@@ -340,7 +340,7 @@ def _unrelated(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     if any(_is_han(t) for t in (*x, *y)):
         shortest = min(len(x), len(y))
         return shortest >= 3 and len(set(x) & set(y)) <= (1 if shortest >= 4 else 0)
-    return not any(_same_word(p, q) for p in x for q in y)
+    return not _share_a_word(x, y)
 
 
 def _same_word(x: str, y: str) -> bool:
@@ -348,10 +348,14 @@ def _same_word(x: str, y: str) -> bool:
     return x.startswith(y) or y.startswith(x) or (len(x) >= 5 and len(y) >= 5 and x[:5] == y[:5])
 
 
+def _share_a_word(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    return any(_same_word(x, y) for x in a for y in b)
+
+
 def _counts_differ(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     """True when the same number counts different things: 30 tips / 30 quiz questions, 207个 / 207句.
     Lenient where a side names nothing (a number at the end) or the two share a word or a word form."""
-    return bool(a and b) and not any(_same_word(x, y) for x in a for y in b)
+    return bool(a and b) and not _share_a_word(a, b)
 
 
 def _disjoint(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
