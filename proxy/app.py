@@ -1,4 +1,5 @@
-"""create_app(settings) -> Starlette. The lifespan creates every resource and closes it in reverse.
+"""create_app(settings) -> the ASGI app (the edge middleware around Starlette). The lifespan creates
+every resource and closes it in reverse.
 
 A plain Starlette app: FastAPI's extra middleware layers (exit stack, telemetry, body limit) cost
 ~10% of a request's CPU here and we use none of its features. Routes are plain endpoints (the protocol
@@ -13,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from proxy.settings import Settings, load_settings
 log = logging.getLogger("llm_gateway.app")
 _GC_GEN0 = 10_000  # allocations between young-generation collections (CPython's default: 700)
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# (scope, receive, send, request id) -> the status it sent
+DirectEndpoint = Callable[[Scope, Receive, Send, str], Awaitable[int]]
 
 
 def build_backend(name: str, cfg: Any, session: aiohttp.ClientSession) -> Backend:
@@ -147,15 +150,19 @@ def _settle_garbage_collector() -> None:
 
 
 class EdgeMiddleware:
-    """Pure ASGI, outermost: gives every request an id (bound into the log context, echoed as
-    `x-request-id`) and observes the per-route HTTP metrics (not for /metrics itself).
+    """Pure ASGI and outermost: it wraps the Starlette app, Starlette's own error middleware
+    included. Gives every request an id (bound into the log context, echoed as `x-request-id`)
+    and observes the per-route HTTP metrics (not for /metrics itself).
 
-    `direct`: (method, path) -> an ASGI endpoint called straight from here, past Starlette's
-    exception middleware and router (five layers, ~10% of a request's CPU). Only for endpoints that
-    turn every GatewayError into a response themselves; anything else still reaches the outermost
-    error handler, as it would through the router."""
+    `direct`: (method, path) -> a DirectEndpoint called straight from here, past Starlette's
+    middleware, router and endpoint wrappers. A direct endpoint puts `x-request-id` on its
+    responses itself, turns every error into a response (an unexpected one into OpenAI's 500) and
+    returns the status it sent; any other path goes through Starlette, and a send wrapper adds the
+    id."""
 
-    def __init__(self, app: ASGIApp, http: HttpMetrics, direct: dict[tuple[str, str], ASGIApp]) -> None:
+    def __init__(
+        self, app: ASGIApp, http: HttpMetrics, direct: dict[tuple[str, str], DirectEndpoint]
+    ) -> None:
         self.app, self.http, self.direct = app, http, direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -164,21 +171,24 @@ class EdgeMiddleware:
             return
         started = time.perf_counter()
         rid = f"req_{os.urandom(16).hex()}"  # 128 random bits: a quarter of uuid4().hex's cost
-        scope.setdefault("state", {})["request_id"] = rid
-        raw = rid.encode()
         status = 500  # what the client gets if the app ends without a response
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw)]
-            await send(message)
-
-        app = self.direct.get((scope["method"], scope["path"]), self.app)
+        direct = self.direct.get((scope["method"], scope["path"]))
         structlog.contextvars.bind_contextvars(request_id=rid)
         try:
-            await app(scope, receive, send_with_id)
+            if direct is not None:
+                status = await direct(scope, receive, send, rid)
+            else:
+                scope.setdefault("state", {})["request_id"] = rid
+                raw = rid.encode()
+
+                async def send_with_id(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                        message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw)]
+                    await send(message)
+
+                await self.app(scope, receive, send_with_id)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
             handler = self.http.handler(scope["path"])
@@ -191,22 +201,29 @@ def _error_response(exc: errors.GatewayError, extra: dict[str, str] | None = Non
     return Response(exc.json(), status_code=exc.status, media_type="application/json", headers=headers)
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> Starlette:
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> ASGIApp:
     rt = Runtime(settings, registry)
     app = Starlette(lifespan=rt.lifespan)
 
-    async def chat_completions(request: Request) -> Reply | Response:
-        call = Call(request_id=request.state.request_id, started=time.monotonic())
+    async def chat_completions(request: Request, rid: str) -> Reply | Response:
+        call = Call(request_id=rid, started=time.monotonic(), headers={"x-request-id": rid})
         try:
             return await rt.gw.chat_completions(request, call)
         except errors.GatewayError as exc:
             call.status, call.error = exc.status, exc.code or exc.type
             rt.observer.finish(call)
             return _error_response(exc, call.headers)
+        except Exception as exc:  # what Starlette's error middleware did for routed endpoints
+            log.error("unhandled error", exc_info=exc)
+            return _error_response(errors.InternalError(), {"x-request-id": rid})
 
-    async def chat_direct(scope: Scope, receive: Receive, send: Send) -> None:
-        response = await chat_completions(Request(scope, receive, send))
+    async def chat_direct(scope: Scope, receive: Receive, send: Send, rid: str) -> int:
+        response = await chat_completions(Request(scope, receive, send), rid)
         await response(scope, receive, send)
+        return response.status_code
+
+    async def chat_routed(request: Request) -> Reply | Response:  # reached only for a 405
+        return await chat_completions(request, request.state.request_id)
 
     async def list_models(request: Request) -> Response:
         principal = await rt.gw.auth.authenticate(request.headers.getlist("authorization"))
@@ -248,7 +265,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         return Response(orjson.dumps(result), media_type="application/json")
 
     # reached only for other methods (405): POST goes straight from the edge middleware (chat_direct)
-    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])  # type: ignore[arg-type]
+    app.add_route("/v1/chat/completions", chat_routed, methods=["POST"])  # type: ignore[arg-type]
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_route("/healthz", healthz, methods=["GET"])
@@ -271,12 +288,11 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.add_exception_handler(Exception, _unexpected)
 
     routes = (*(r.path.replace(":path", "") for r in app.routes if isinstance(r, Route)),)
-    direct: dict[tuple[str, str], ASGIApp] = {("POST", "/v1/chat/completions"): chat_direct}
-    app.add_middleware(EdgeMiddleware, http=rt.observer.http_metrics(routes), direct=direct)
-    return app
+    direct: dict[tuple[str, str], DirectEndpoint] = {("POST", "/v1/chat/completions"): chat_direct}
+    return EdgeMiddleware(app, rt.observer.http_metrics(routes), direct)
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> ASGIApp:
     """Factory for `uvicorn --factory` / several workers: the CLI passes the config path by env."""
     settings = load_settings(os.environ.get("LLM_GATEWAY_CONFIG", "config/gateway.yaml"))
     configure_logging(settings.observability)  # spawned workers start with a bare logging setup

@@ -81,6 +81,13 @@ class PayloadTooLarge(GatewayError):
     status, type, code, should_retry = 413, "invalid_request_error", "request_too_large", False
 
 
+class ClientDisconnected(GatewayError):
+    """The client went away before its request was complete: nobody reads this answer, but the
+    request line and metrics record it (499, nginx's "client closed request")."""
+
+    status, type, code, should_retry = 499, "invalid_request_error", "client_disconnected", False
+
+
 class RateLimited(GatewayError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 

@@ -33,7 +33,7 @@ class JSONBytesResponse:
     ~6% of a cache hit's CPU with our dozen headers)."""
 
     def __init__(self, body: bytes, headers: Mapping[str, str], status: int = 200) -> None:
-        self.body, self.status = body, status
+        self.body, self.status_code = body, status
         self.raw_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -41,7 +41,7 @@ class JSONBytesResponse:
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body})
 
 
@@ -51,7 +51,7 @@ class SSEResponse:
 
     def __init__(self, frames: AsyncIterator[bytes], headers: Mapping[str, str], status: int = 200) -> None:
         self.frames = frames
-        self.status = status
+        self.status_code = status
         self.raw_headers = [*SSE_HEADERS, *((k.encode(), v.encode()) for k, v in headers.items())]
         self.disconnected = False
 
@@ -69,7 +69,8 @@ class SSEResponse:
 
         watcher = asyncio.create_task(watch())
         try:
-            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
             async for frame in self.frames:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
