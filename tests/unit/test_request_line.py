@@ -3,8 +3,11 @@ line structlog's JSON configuration writes, and steps aside where structlog must
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import io
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,7 @@ import orjson
 import pytest
 import structlog
 
-from proxy.observability import RequestLine, configure_logging
+from proxy.observability import RequestLine, _utc_iso, configure_logging
 from proxy.settings import ObservabilitySettings
 
 FIELDS: dict[str, Any] = {
@@ -70,3 +73,41 @@ def test_structlog_keeps_the_line_for_console_output_and_quieter_levels(
 def test_a_stderr_without_a_descriptor_falls_back_to_structlog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert RequestLine.for_settings(ObservabilitySettings(log_format="json")) is None
+
+
+@pytest.mark.parametrize(
+    "t", [0.0, 1_795_000_000.0, 1_795_000_000.5, 1_795_000_000.9999996, 1_795_000_059.000001, 1_700_000_000.123]
+)
+def test_the_timestamp_is_isoformat_in_utc_with_a_z(t: float) -> None:
+    expected = datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat().replace("+00:00", "Z")
+    assert _utc_iso(t) == expected
+
+
+async def test_the_lines_of_one_loop_iteration_leave_together_in_order() -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    try:
+        line = RequestLine(write_end)
+        for n in range(3):
+            line.write({"request_id": f"req_{n}"})
+        with pytest.raises(BlockingIOError):  # nothing written yet: the iteration is not over
+            os.read(read_end, 65536)
+        await asyncio.sleep(0)  # the loop runs its next iteration, where the flush was scheduled
+        lines = [orjson.loads(raw) for raw in os.read(read_end, 65536).splitlines()]
+        assert [entry["request_id"] for entry in lines] == ["req_0", "req_1", "req_2"]
+        line.write({"request_id": "req_3"})
+        line.flush()  # what Observer.close does: nothing waits for a loop that is ending
+        assert orjson.loads(os.read(read_end, 65536))["request_id"] == "req_3"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_without_a_running_loop_a_line_is_written_at_once() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        RequestLine(write_end).write({"request_id": "req_9"})
+        assert orjson.loads(os.read(read_end, 65536))["request_id"] == "req_9"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
