@@ -99,11 +99,11 @@ async def lookups(redis_url: str, entries: int, rounds: int) -> None:
         await cache.start()
         scope = CacheScope("bench-tenant", "bench", "control")
         probe = request("How do I reset my password?")
-        await fill(cache._store, semantic_part(scope, probe, emb.name), entries, emb.dim)
+        await fill(cache._store, semantic_part(scope, probe.upstream_body(), emb.name), entries, emb.dim)
         await cache.store(scope, probe, answer("Use the reset link."))
         exact, semantic, knn = [], [], []
         vec = (await emb.embed_queries(["What's the way to reset my password?"]))[0]
-        part = semantic_part(scope, probe, emb.name)
+        part = semantic_part(scope, probe.upstream_body(), emb.name)
         for i in range(rounds):
             t = time.perf_counter()
             assert await cache.lookup(scope, probe) is not None
@@ -117,7 +117,7 @@ async def lookups(redis_url: str, entries: int, rounds: int) -> None:
         print(f"lookup [{label}, {entries} entries]  exact hit: {ms(exact)}")
         print(f"lookup [{label}, {entries} entries]  semantic (embed+knn+verify): {ms(semantic)}")
         print(f"lookup [{label}, {entries} entries]  knn only: {ms(knn)}")
-        assert exact_key(scope, probe)
+        assert exact_key(scope, probe.upstream_body())
         await cache.close()
     await emb.close()
 

@@ -36,6 +36,7 @@ from proxy.cache_replay import (
     is_complete,
     replay_chunks,
     replay_completion,
+    usage_of,
 )
 from proxy.cache_store import MemoryStore, RedisStore, SemanticEntry, Store
 from proxy.cache_verify import disagreement
@@ -150,9 +151,9 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:40]
 
 
-def answer_params(req: ChatRequest) -> dict[str, Any]:
-    """Every allow-listed field that can change the answer (streaming does not)."""
-    params = {k: v for k, v in req.upstream_body().items() if k not in _NOT_ANSWER}
+def answer_params(body: dict[str, Any]) -> dict[str, Any]:
+    """Every field of the forwarded body that can change the answer (streaming does not)."""
+    params = {k: v for k, v in body.items() if k not in _NOT_ANSWER}
     if params.get("n") == 1:
         del params["n"]
     return params
@@ -162,13 +163,11 @@ def _scope_key(scope: CacheScope) -> list[str]:
     return ["shared" if scope.tenant is None else f"tenant:{scope.tenant}", scope.model, scope.variant]
 
 
-def _messages(req: ChatRequest) -> list[dict[str, Any]]:
-    return [m.model_dump(exclude_none=True) for m in req.messages]
-
-
-def exact_key(scope: CacheScope, req: ChatRequest) -> str:
+def exact_key(scope: CacheScope, body: dict[str, Any]) -> str:
+    """`body`: the client's request as forwarded (ChatRequest.upstream_body(): the allow-listed
+    fields it set), before the variant fills anything in (the variant is part of the scope)."""
     return _digest(
-        {"v": 1, "scope": _scope_key(scope), "messages": _messages(req), "params": answer_params(req)}
+        {"v": 2, "scope": _scope_key(scope), "messages": body["messages"], "params": answer_params(body)}
     )
 
 
@@ -187,15 +186,15 @@ def user_turn(req: ChatRequest) -> str | None:
     return text if 0 < len(text) <= SEMANTIC_MAX_CHARS else None
 
 
-def semantic_part(scope: CacheScope, req: ChatRequest, embedder_name: str) -> str:
-    """Exact filter for the vector search: same scope, context, parameters and vector space."""
-    context = _digest(_messages(req)[:-1])
+def semantic_part(scope: CacheScope, body: dict[str, Any], embedder_name: str) -> str:
+    """Exact filter for the vector search: same scope, context, parameters and vector space.
+    `body` as for exact_key."""
     return _digest(
         {
-            "v": 1,
+            "v": 2,
             "scope": _scope_key(scope),
-            "ctx": context,
-            "params": answer_params(req),
+            "ctx": _digest(body["messages"][:-1]),
+            "params": answer_params(body),
             "emb": embedder_name,
         }
     )
@@ -251,13 +250,14 @@ class ResponseCache:
         self, scope: CacheScope, req: ChatRequest, key: str | None = None, peeked: Peek | None = None
     ) -> CacheResult:
         """Like lookup(), with the status for the x-gateway-cache header. Never raises.
-        `key`: exact_key(scope, req) when the caller already has it; `peeked`: the exact entry as
-        read by the rate limiter's admission (see redis_field), so it is not read again."""
+        `key`: exact_key(scope, req.upstream_body()) when the caller already has it; `peeked`: the
+        exact entry as read by the rate limiter's admission (see redis_field), so it is not read
+        again."""
         if self._clock() < self._resume_at:
             self.stats.bypass_errors += 1
             return CacheResult(None, "bypass")
         try:
-            result = await self._fetch(scope, req, key or exact_key(scope, req), peeked)
+            result = await self._fetch(scope, req, key or exact_key(scope, req.upstream_body()), peeked)
         except Exception as exc:  # Redis, index, embedder: the cache steps aside, the request goes on
             self._failed(exc, "lookup")
             return CacheResult(None, "bypass")
@@ -282,7 +282,7 @@ class ResponseCache:
             self.stats.misses += 1
             return CacheResult(None, "miss")
         self._remember(key, vector)
-        part = semantic_part(scope, req, self._embedder.name)
+        part = semantic_part(scope, req.upstream_body(), self._embedder.name)
         async with asyncio.timeout(self._timeout_s):
             candidates = await self._store.nearest(part, vector, CANDIDATES)
         for cand in candidates:
@@ -305,7 +305,7 @@ class ResponseCache:
             self.stats.store_errors += 1
             return
         try:
-            await self._put(scope, req, answer, key or exact_key(scope, req))
+            await self._put(scope, req, answer, key or exact_key(scope, req.upstream_body()))
         except Exception as exc:
             self._failed(exc, "store")
 
@@ -323,16 +323,17 @@ class ResponseCache:
 
     async def _put(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer, key: str) -> None:
         vector = self._pending_vectors.pop(key, None)
-        payload = encode(answer)
-        if not is_complete(answer) or orjson.loads(payload)["usage"] is None:
+        if not is_complete(answer) or usage_of(answer) is None:
             self.stats.store_skipped += 1
             return
+        payload = encode(answer)
         semantic = None
         text = user_turn(req) if self._semantic and self._embedder else None
         if text is not None and self._embedder is not None:
             vector = vector if vector is not None else await self._embed(text)
             if vector is not None:  # without one, the answer is still stored for the exact layer
-                semantic = SemanticEntry(semantic_part(scope, req, self._embedder.name), vector, text)
+                part = semantic_part(scope, req.upstream_body(), self._embedder.name)
+                semantic = SemanticEntry(part, vector, text)
         async with asyncio.timeout(self._timeout_s):
             await self._store.put(key, payload, self.settings.ttl_s, semantic)
         self.stats.stores += 1

@@ -42,11 +42,16 @@ def is_complete(answer: CachedAnswer) -> bool:
     return bool(seen) and all(reason in COMPLETE_FINISH for reason in seen.values())
 
 
+def usage_of(answer: CachedAnswer) -> dict[str, Any] | None:
+    """The usage stored with the answer: kept aside, in the completion, or in a usage chunk."""
+    return answer.usage or (answer.completion or {}).get("usage") or _chunk_usage(answer.chunks or [])
+
+
 def encode(answer: CachedAnswer) -> bytes:
     chunks = None
     if answer.chunks is not None:  # the usage-only chunk is dropped; usage is kept aside
         chunks = [{k: v for k, v in c.items() if k != "usage"} for c in answer.chunks if c.get("choices")]
-    usage = answer.usage or (answer.completion or {}).get("usage") or _chunk_usage(answer.chunks or [])
+    usage = usage_of(answer)
     return orjson.dumps(
         {"v": 1, "chunks": chunks, "completion": answer.completion, "usage": usage, "policy": answer.policy}
     )

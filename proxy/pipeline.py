@@ -168,7 +168,8 @@ class Gateway:
         )
         variant = experiment.choose(key)
         call.variant = variant.name
-        body = apply_variant(req.upstream_body(), variant)
+        client_body = req.upstream_body()
+        body = apply_variant(client_body, variant)
         try:
             if len(raw) > OFF_LOOP_SCAN_BYTES:  # ~40 ms per MB: keep big scans off the event loop
                 body, action = await asyncio.to_thread(self.guard.check_input, body)
@@ -184,7 +185,7 @@ class Gateway:
         decision = decide(req, request.headers, experiment.settings, self.settings.cache)
         if action == "mask":
             decision = CacheDecision(read=False, write=False, reason="policy_mask")
-        cache_key = exact_key(scope, req) if decision.read or decision.write else None
+        cache_key = exact_key(scope, client_body) if decision.read or decision.write else None
         call.prompt_tokens = estimate_prompt_tokens(body["messages"])
         reserve = call.prompt_tokens + (req.completion_budget or DEFAULT_COMPLETION_RESERVE)
         free_if = self.cache.redis_field(cache_key) if cache_key is not None and decision.read else None

@@ -81,6 +81,14 @@ def test_decide(
 SCOPE = CacheScope("acme", "assistant", "control")
 
 
+def _key(scope: CacheScope, r: ChatRequest) -> str:
+    return exact_key(scope, r.upstream_body())
+
+
+def _part(scope: CacheScope, r: ChatRequest, embedder: str) -> str:
+    return semantic_part(scope, r.upstream_body(), embedder)
+
+
 @pytest.mark.parametrize(
     "variant",
     [
@@ -102,8 +110,8 @@ SCOPE = CacheScope("acme", "assistant", "control")
 def test_parameter_variants_get_other_keys(variant: dict[str, Any]) -> None:
     base = req(temperature=0.0)
     other = req(**variant)
-    assert exact_key(SCOPE, base) != exact_key(SCOPE, other)
-    assert semantic_part(SCOPE, base, "e") != semantic_part(SCOPE, other, "e")
+    assert _key(SCOPE, base) != _key(SCOPE, other)
+    assert _part(SCOPE, base, "e") != _part(SCOPE, other, "e")
 
 
 def test_streaming_and_defaults_do_not_change_the_key() -> None:
@@ -114,7 +122,7 @@ def test_streaming_and_defaults_do_not_change_the_key() -> None:
         req(temperature=0, n=1),
         req(temperature=0, user="someone", metadata={"k": "v"}),
     ):
-        assert exact_key(SCOPE, same) == exact_key(SCOPE, plain)
+        assert _key(SCOPE, same) == _key(SCOPE, plain)
 
 
 @pytest.mark.parametrize(
@@ -128,8 +136,8 @@ def test_streaming_and_defaults_do_not_change_the_key() -> None:
 )
 def test_scope_is_part_of_every_key(scope: CacheScope) -> None:
     r = req(temperature=0)
-    assert exact_key(scope, r) != exact_key(SCOPE, r)
-    assert semantic_part(scope, r, "e") != semantic_part(SCOPE, r, "e")
+    assert _key(scope, r) != _key(SCOPE, r)
+    assert _part(scope, r, "e") != _part(SCOPE, r, "e")
 
 
 def test_same_last_turn_with_other_history_is_another_partition() -> None:
@@ -143,11 +151,11 @@ def test_same_last_turn_with_other_history_is_another_partition() -> None:
 
     a, b = chat("写一首关于春天的诗"), chat("解释一下量子计算")
     assert user_turn(a) == user_turn(b) == "继续"
-    assert semantic_part(SCOPE, a, "e") != semantic_part(SCOPE, b, "e")
-    assert semantic_part(SCOPE, req(temperature=0, messages=[{"role": "user", "content": "x"}]), "e") == (
-        semantic_part(SCOPE, req(temperature=0, messages=[{"role": "user", "content": "y"}]), "e")
+    assert _part(SCOPE, a, "e") != _part(SCOPE, b, "e")
+    assert _part(SCOPE, req(temperature=0, messages=[{"role": "user", "content": "x"}]), "e") == (
+        _part(SCOPE, req(temperature=0, messages=[{"role": "user", "content": "y"}]), "e")
     )
-    assert semantic_part(SCOPE, a, "e") != semantic_part(SCOPE, a, "another-embedder")
+    assert _part(SCOPE, a, "e") != _part(SCOPE, a, "another-embedder")
 
 
 @pytest.mark.parametrize(
