@@ -222,7 +222,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         await response(scope, receive, send)
         return response.status_code
 
-    async def chat_routed(request: Request) -> Reply | Response:  # reached only for a 405
+    async def chat_routed(request: Request) -> Reply | Response:  # see add_route below
         return await chat_completions(request, request.state.request_id)
 
     async def list_models(request: Request) -> Response:
@@ -264,7 +264,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         result = await rt.observer.experiments.feedback(principal, raw)
         return Response(orjson.dumps(result), media_type="application/json")
 
-    # reached only for other methods (405): POST goes straight from the edge middleware (chat_direct)
+    # registered so that other methods get the router's 405; a POST never gets this far (the edge
+    # middleware calls chat_direct)
     app.add_route("/v1/chat/completions", chat_routed, methods=["POST"])  # type: ignore[arg-type]
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
