@@ -201,6 +201,12 @@ def _error_response(exc: errors.GatewayError, extra: dict[str, str] | None = Non
     return Response(exc.json(), status_code=exc.status, media_type="application/json", headers=headers)
 
 
+def _internal_error(exc: Exception, extra: dict[str, str] | None = None) -> Response:
+    """Anything unexpected: logged with its traceback, answered with OpenAI's 500 and none of its text."""
+    log.error("unhandled error", exc_info=exc)
+    return _error_response(errors.InternalError(), extra)
+
+
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> ASGIApp:
     rt = Runtime(settings, registry)
     app = Starlette(lifespan=rt.lifespan)
@@ -213,9 +219,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             call.status, call.error = exc.status, exc.code or exc.type
             rt.observer.finish(call)
             return _error_response(exc, call.headers)
-        except Exception as exc:  # what Starlette's error middleware did for routed endpoints
-            log.error("unhandled error", exc_info=exc)
-            return _error_response(errors.InternalError(), {"x-request-id": rid})
+        except Exception as exc:  # what Starlette's error middleware does for routed endpoints
+            return _internal_error(exc, {"x-request-id": rid})
 
     async def chat_direct(scope: Scope, receive: Receive, send: Send, rid: str) -> int:
         response = await chat_completions(Request(scope, receive, send), rid)
@@ -281,8 +286,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         return _error_response(errors.from_status(exc.status_code, str(exc.detail)))
 
     async def _unexpected(_request: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc)
-        return _error_response(errors.InternalError())
+        return _internal_error(exc)
 
     app.add_exception_handler(errors.GatewayError, _gateway_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

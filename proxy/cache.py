@@ -226,7 +226,8 @@ class ResponseCache:
             if redis_url
             else MemoryStore(max_entries=max_entries, clock=clock)
         )
-        self._pending_vectors: dict[str, np.ndarray] = {}  # lookup's embedding, reused by store()
+        # a lookup's embedding and semantic partition, reused by store() for the same key
+        self._pending_vectors: dict[str, tuple[np.ndarray, str]] = {}
         self._clock, self._failures, self._resume_at = clock, 0, 0.0
 
     async def start(self) -> None:
@@ -281,8 +282,8 @@ class ResponseCache:
         if vector is None:
             self.stats.misses += 1
             return CacheResult(None, "miss")
-        self._remember(key, vector)
         part = semantic_part(scope, req.upstream_body(), self._embedder.name)
+        self._remember(key, vector, part)
         async with asyncio.timeout(self._timeout_s):
             candidates = await self._store.nearest(part, vector, CANDIDATES)
         for cand in candidates:
@@ -322,7 +323,7 @@ class ResponseCache:
         log.warning("cache %s bypassed: %r", what, exc)
 
     async def _put(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer, key: str) -> None:
-        vector = self._pending_vectors.pop(key, None)
+        vector, part = self._pending_vectors.pop(key, (None, None))
         if not is_complete(answer) or usage_of(answer) is None:
             self.stats.store_skipped += 1
             return
@@ -332,7 +333,7 @@ class ResponseCache:
         if text is not None and self._embedder is not None:
             vector = vector if vector is not None else await self._embed(text)
             if vector is not None:  # without one, the answer is still stored for the exact layer
-                part = semantic_part(scope, req.upstream_body(), self._embedder.name)
+                part = part or semantic_part(scope, req.upstream_body(), self._embedder.name)
                 semantic = SemanticEntry(part, vector, text)
         async with asyncio.timeout(self._timeout_s):
             await self._store.put(key, payload, self.settings.ttl_s, semantic)
@@ -352,7 +353,7 @@ class ResponseCache:
         vector: np.ndarray = vectors[0]
         return vector
 
-    def _remember(self, key: str, vector: np.ndarray) -> None:
-        self._pending_vectors[key] = vector
+    def _remember(self, key: str, vector: np.ndarray, part: str) -> None:
+        self._pending_vectors[key] = (vector, part)
         while len(self._pending_vectors) > 1024:  # bounded: misses that never store are forgotten
             del self._pending_vectors[next(iter(self._pending_vectors))]

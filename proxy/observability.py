@@ -92,11 +92,12 @@ class RequestLine:
     The lines of one event-loop iteration leave in one write at its end (under load, tens of lines
     per system call; to a pipe, one wake-up of its reader instead of one per line). A line waits
     for the loop's current iteration only; `flush` (Observer.close calls it) writes what is left.
-    Outside a running loop a line is written at once."""
+    Outside a running loop a line is written at once, with any a closed loop left behind."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._pending: list[bytes] = []
+        self._flushing_on: asyncio.AbstractEventLoop | None = None  # where the flush is scheduled
 
     @classmethod
     def for_settings(cls, settings: ObservabilitySettings) -> RequestLine | None:
@@ -111,15 +112,15 @@ class RequestLine:
         fields["event"], fields["level"] = "request", "info"
         fields["timestamp"] = _utc_iso(time.time())
         line = orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
-        if self._pending:  # a flush is already scheduled for this iteration
-            self._pending.append(line)
-            return
+        self._pending.append(line)
+        if len(self._pending) > 1 and self._flushing_on is not None and not self._flushing_on.is_closed():
+            return  # the flush scheduled for this iteration takes it
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._write(line)
+            self.flush()
             return
-        self._pending.append(line)
+        self._flushing_on = loop
         loop.call_soon(self.flush)
 
     def flush(self) -> None:

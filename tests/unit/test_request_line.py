@@ -111,3 +111,25 @@ def test_without_a_running_loop_a_line_is_written_at_once() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_lines_left_by_a_loop_closed_before_its_flush_go_out_with_the_next_line() -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    try:
+        line = RequestLine(write_end)
+
+        def log_and_stop() -> None:
+            line.write({"request_id": "req_a"})  # its flush is scheduled for the next iteration
+            loop.stop()  # which never comes
+
+        loop = asyncio.new_event_loop()
+        loop.call_soon(log_and_stop)
+        loop.run_forever()
+        loop.close()
+        line.write({"request_id": "req_b"})
+        lines = [orjson.loads(raw) for raw in os.read(read_end, 65536).splitlines()]
+        assert [entry["request_id"] for entry in lines] == ["req_a", "req_b"]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
