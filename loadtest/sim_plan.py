@@ -13,9 +13,13 @@ from typing import Any
 
 import orjson
 
+from loadtest.sim_gpu import GpuParams
 from loadtest.sim_wire import DONE, StreamEncoder
 
-FAULTS = frozenset({"none", "status", "stall", "drop", "slow", "refuse"})
+# stall: hold the request before any byte; stall_stream: after `drop_after_chunks` frames (0: after
+# the headers), pause `stall_s`; drop / reset: close / reset the connection after that many frames
+FAULTS = frozenset({"none", "status", "stall", "stall_stream", "drop", "reset", "slow", "refuse"})
+MODES = frozenset({"zero", "gpu"})
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do")
 _PROMPT_HEAD_WORDS = 8
 _TOKENS_PER_MESSAGE = 4
@@ -40,6 +44,15 @@ class SimConfig:
     scripts: dict[str, list[str]] = field(default_factory=dict)
     check_model: bool = True  # vLLM answers 404 for a model it does not serve
     legacy_errors: bool = False  # vLLM < 0.10 error body: {"object": "error", ...}
+    # mode="gpu" models one GPU replica (loadtest/sim_gpu.py, SIM_GPU.md); "zero" is fixed delays.
+    mode: str = "zero"
+    scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy (gpu mode): fcfs | priority
+    gpu_kv_blocks: int = 25_000
+    gpu_block_size: int = 16
+    gpu_max_batched_tokens: int = 8192
+    gpu_prefill_tok_s: float = 20_000.0
+    gpu_step_ms: float = 7.0
+    gpu_step_ms_per_seq: float = 0.111
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -55,6 +68,21 @@ class SimConfig:
         for key, chunks in self.scripts.items():
             if not chunks or not all(isinstance(c, str) for c in chunks) or not isinstance(key, str):
                 raise ValueError(f"script {key!r} must map to a non-empty list of strings")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        self.gpu_params()  # validates the gpu_* fields in either mode
+
+    def gpu_params(self) -> GpuParams:
+        return GpuParams(
+            num_blocks=self.gpu_kv_blocks,
+            block_size=self.gpu_block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_batched_tokens=self.gpu_max_batched_tokens,
+            prefill_tok_s=self.gpu_prefill_tok_s,
+            step_ms=self.gpu_step_ms,
+            step_ms_per_seq=self.gpu_step_ms_per_seq,
+            policy=self.scheduling_policy,
+        )
 
     def replace(self, changes: Mapping[str, Any]) -> SimConfig:
         """A validated copy with `changes` applied; unknown keys are an error."""

@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
+import struct
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
 
+from loadtest.sim_gpu_serve import ZERO_GPU_COUNTERS, GpuReplica
 from loadtest.sim_plan import Plan, RequestError, SimConfig, build_plan, stream_frames
 from loadtest.sim_wire import JSON_HEADERS, SSE_HEADERS, chat_completion, error_body, metrics_text, model_list
 
@@ -49,6 +52,8 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
+        self._gpu: GpuReplica | None = None  # mode="gpu": the modelled GPU behind this server
+        self._sync_gpu()
 
     # lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -79,6 +84,8 @@ class Simulator:
 
     async def close(self) -> None:
         self._stop_listening()
+        if self._gpu is not None:
+            await self._gpu.close()
         for runner in (self._runner, self._admin_runner):
             if runner is not None:
                 for conn in runner.server.connections if runner.server else ():
@@ -120,11 +127,23 @@ class Simulator:
         elif old.fault == "refuse" and new.fault != "refuse":
             await self._listen()
         self._promote()
+        self._sync_gpu()
         return new
+
+    def _sync_gpu(self, *, fresh: bool = False) -> None:
+        """A new GPU replica (empty KV cache) when GPU parameters change, or a fresh one on demand;
+        the old one finishes its requests in flight."""
+        want = self.config.gpu_params() if self.config.mode == "gpu" else None
+        if self._gpu is not None and (fresh or want != self._gpu.params):
+            self._gpu.retire()
+            self._gpu = None
+        if want is not None and self._gpu is None:
+            self._gpu = GpuReplica(want)
 
     async def reset(self) -> SimConfig:
         """Forget the records and go back to the configuration the simulator started with."""
         self._records.clear()
+        self._sync_gpu(fresh=True)
         return await self.configure(dataclasses.asdict(self.initial))
 
     async def records(self) -> list[_Record]:
@@ -196,6 +215,8 @@ class Simulator:
             plan = build_plan(body, cfg, rec["id"])
         except RequestError as exc:
             return await _send_error(request, rec, cfg, exc.status, exc.message)
+        if cfg.mode == "gpu" and self._gpu is not None:
+            return await self._gpu_answer(request, rec, cfg, plan, body)
         await self._admit()
         try:
             if cfg.fault == "stall":  # a hung engine: the request holds its slot, nothing is sent
@@ -203,17 +224,42 @@ class Simulator:
             self._counters["prompt_tokens_total"] += plan.prompt_tokens
             factor = _SLOW_FACTOR / 1000 if cfg.fault == "slow" else 1 / 1000
             ttft, itl = cfg.ttft_ms * factor, cfg.itl_ms * factor
-            drop_after = cfg.drop_after_chunks if cfg.fault == "drop" else -1
+            cut = Cut(cfg.fault, cfg.drop_after_chunks if cfg.fault in CUTS else -1, cfg.stall_s)
             if plan.stream:
-                resp = await _stream(request, rec, plan, ttft, itl, drop_after)
+                resp = await _stream(request, rec, plan, ttft, itl, cut)
             else:
-                resp = await _complete(request, rec, plan, ttft + itl * (len(plan.tokens) - 1), drop_after)
+                resp = await _complete(request, rec, plan, ttft + itl * (len(plan.tokens) - 1), cut)
             if rec["completed"]:
                 self._counters["generation_tokens_total"] += plan.n * len(plan.tokens)
                 self._success[plan.finish] += 1
             return resp
         finally:
             self._release()
+
+    async def _gpu_answer(
+        self, request: web.Request, rec: _Record, cfg: SimConfig, plan: Plan, body: Any
+    ) -> web.StreamResponse:
+        """GPU mode: the engine's queue and steps replace the slots and the fixed delays."""
+        gpu = self._gpu
+        assert gpu is not None
+        try:
+            plan, ticket = gpu.prepare(plan, body, cfg.max_model_len)
+        except RequestError as exc:
+            return await _send_error(request, rec, cfg, exc.status, exc.message)
+        gpu.submit(ticket)
+        cut = Cut(cfg.fault, cfg.drop_after_chunks if cfg.fault in CUTS else -1, cfg.stall_s)
+        try:
+            if plan.stream:  # unit delays mark where each token's frames start; the pacer waits
+                resp = await _stream(request, rec, plan, 1.0, 1.0, cut, wait=gpu.pacer(ticket))
+            else:
+                await gpu.wait_tokens(ticket, len(plan.tokens))
+                resp = await _complete(request, rec, plan, 0, cut)
+            rec["prompt_tokens"], rec["cached_tokens"] = plan.prompt_tokens, ticket.seq.cached_tokens
+            if rec["completed"]:
+                self._success[plan.finish] += 1
+            return resp
+        finally:
+            gpu.release(ticket)
 
     # other endpoints -------------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
@@ -232,8 +278,11 @@ class Simulator:
             "num_requests_waiting": cfg.waiting + len(self._queue),
             "kv_cache_usage_perc": min(1.0, self._running / cfg.max_num_seqs),
         }
+        counters: dict[str, float] = {**self._counters, **ZERO_GPU_COUNTERS}
+        if cfg.mode == "gpu" and self._gpu is not None:
+            gauges, counters = self._gpu.metrics(cfg.waiting)
         gauges["gpu_cache_usage_perc"] = gauges["kv_cache_usage_perc"]
-        body = metrics_text(cfg.model, gauges, dict(self._counters), self._success)
+        body = metrics_text(cfg.model, gauges, counters, self._success)
         return web.Response(body=body, headers=_METRICS_HEADERS)
 
     def _admin_routes(self) -> list[web.RouteDef]:
@@ -274,8 +323,42 @@ def _new_record(request: web.Request, rid: str, body: Any) -> _Record:
         "completed": False,
         "cancelled": False,
         "dropped": False,
+        "stalled": False,
         "status": None,
     }
+
+
+CUTS = frozenset({"drop", "reset", "stall_stream"})  # faults that strike after `drop_after_chunks` frames
+
+
+class Cut(NamedTuple):
+    """What happens to a response after `after` frames (-1: never): the connection is closed
+    (`drop`), reset (`reset`, an RST), or the response stalls for `stall_s` and then goes on
+    (`stall_stream`; after 0 frames: headers sent, no first token)."""
+
+    how: str
+    after: int
+    stall_s: float = 0.0
+
+    @classmethod
+    def of(cls, after: int) -> Cut:
+        return cls("drop", after)
+
+
+async def _strike(request: web.Request, rec: _Record, cut: Cut) -> web.StreamResponse | None:
+    """Apply `cut`; the response to return when it ended the request, else None (go on)."""
+    if cut.how == "stall_stream":
+        rec["stalled"] = True
+        await asyncio.sleep(cut.stall_s)
+        return None
+    if cut.how == "reset" and request.transport is not None:
+        sock = request.transport.get_extra_info("socket")
+        if sock is not None:  # linger 0: close() sends an RST instead of a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rec["dropped"] = True
+        request.transport.abort()
+        return web.StreamResponse()
+    return _drop(request, rec)
 
 
 def _drop(request: web.Request, rec: _Record) -> web.StreamResponse:
@@ -299,16 +382,20 @@ async def _send_error(
 
 
 async def _complete(
-    request: web.Request, rec: _Record, plan: Plan, delay: float, drop_after: int
+    request: web.Request, rec: _Record, plan: Plan, delay: float, cut: Cut | int
 ) -> web.StreamResponse:
+    cut = Cut.of(cut) if isinstance(cut, int) else cut
     if delay > 0:
         await asyncio.sleep(delay)
-    if drop_after >= 0:
-        return _drop(request, rec)
     text = "".join(plan.tokens)
     usage = plan.n * len(plan.tokens)
     body = chat_completion(plan.rid, plan.model, [(text, plan.finish)] * plan.n, plan.prompt_tokens, usage)
     resp = web.Response(body=body, headers=JSON_HEADERS)
+    if cut.after >= 0 and cut.how == "stall_stream":
+        await resp.prepare(request)  # headers out, body held back
+        await _strike(request, rec, cut)
+    elif cut.after >= 0 and (ended := await _strike(request, rec, cut)) is not None:
+        return ended
     await resp.prepare(request)
     await resp.write_eof()
     rec["status"], rec["completed"] = 200, True
@@ -316,14 +403,21 @@ async def _complete(
 
 
 async def _stream(
-    request: web.Request, rec: _Record, plan: Plan, ttft: float, itl: float, drop_after: int
+    request: web.Request,
+    rec: _Record,
+    plan: Plan,
+    ttft: float,
+    itl: float,
+    cut: Cut | int,
+    wait: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> web.StreamResponse:
     """Frames due at the same moment go out in one write; zero delays never sleep."""
+    cut = Cut.of(cut) if isinstance(cut, int) else cut
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     rec["status"] = 200
-    if drop_after == 0:
-        return _drop(request, rec)
+    if cut.after == 0 and (ended := await _strike(request, rec, cut)) is not None:
+        return ended
     pending: list[bytes] = []
     sent = 0
     for delay, frame in stream_frames(plan, ttft, itl):
@@ -331,12 +425,14 @@ async def _stream(
             if pending:
                 await resp.write(b"".join(pending))
                 pending.clear()
-            await asyncio.sleep(delay)
+            await wait(delay)
         pending.append(frame)
         sent += 1
-        if sent == drop_after:
+        if sent == cut.after:
             await resp.write(b"".join(pending))
-            return _drop(request, rec)
+            pending.clear()
+            if (ended := await _strike(request, rec, cut)) is not None:
+                return ended
     await resp.write(b"".join(pending))
     await resp.write_eof()
     rec["completed"] = True

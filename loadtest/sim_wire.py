@@ -176,6 +176,9 @@ _GAUGES = (
 _COUNTERS = (
     ("prompt_tokens_total", "Number of prefill tokens processed."),
     ("generation_tokens_total", "Number of generation tokens processed."),
+    ("prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens."),
+    ("prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens."),
+    ("num_preemptions_total", "Cumulative number of preemption from the engine."),
 )
 
 

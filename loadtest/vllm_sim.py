@@ -143,6 +143,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--waiting", type=int, default=0, help="extra vllm:num_requests_waiting")
     p.add_argument("--fault", choices=sorted(FAULTS), default="none")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    gpu = p.add_argument_group("GPU-modelling mode (--mode gpu; calibration in loadtest/SIM_GPU.md)")
+    gpu.add_argument("--mode", choices=("zero", "gpu"), default="zero")
+    gpu.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
+    defaults = SimConfig()
+    for name in (
+        "gpu_kv_blocks",
+        "gpu_block_size",
+        "gpu_max_batched_tokens",
+        "gpu_prefill_tok_s",
+        "gpu_step_ms",
+        "gpu_step_ms_per_seq",
+    ):
+        default = getattr(defaults, name)
+        gpu.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     return p.parse_args(argv)
 
 
@@ -180,6 +194,14 @@ def main(argv: list[str] | None = None) -> None:
         max_num_seqs=args.max_num_seqs,
         waiting=args.waiting,
         fault=args.fault,
+        mode=args.mode,
+        scheduling_policy=args.scheduling_policy,
+        gpu_kv_blocks=args.gpu_kv_blocks,
+        gpu_block_size=args.gpu_block_size,
+        gpu_max_batched_tokens=args.gpu_max_batched_tokens,
+        gpu_prefill_tok_s=args.gpu_prefill_tok_s,
+        gpu_step_ms=args.gpu_step_ms,
+        gpu_step_ms_per_seq=args.gpu_step_ms_per_seq,
     )
     sim = Simulator(config, host=args.host, port=args.port, admin_port=args.admin_port)
 
