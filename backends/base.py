@@ -45,13 +45,20 @@ class BackendError(Exception):
     """A failure talking to one backend. `message` is safe to show a client (no URLs, no keys)."""
 
     def __init__(
-        self, kind: ErrorKind, message: str, *, status: int | None = None, param: str | None = None
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        status: int | None = None,
+        param: str | None = None,
+        cause: ErrorKind | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.status = status  # upstream HTTP status, when there was one
         self.param = param
+        self.cause = cause  # for MID_STREAM: the kind this failure would have had before the first chunk
 
     @property
     def retryable(self) -> bool:
@@ -82,7 +89,8 @@ class Backend(Protocol):
         """Release everything start() opened. Safe to call after a failed start()."""
 
     async def chat(self, body: Body) -> Body:
-        """Non-streaming completion: an OpenAI `chat.completion` object, `usage` included."""
+        """Non-streaming completion: an OpenAI `chat.completion` object, `usage` included. Built
+        from `stream()` (backends.collect), so the same deadlines bound it."""
 
     async def stream(self, body: Body) -> ChunkStream:
         """Open a stream. Raises BackendError *before* returning when the server refuses

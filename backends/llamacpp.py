@@ -24,6 +24,7 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from backends.base import BackendError, Body, Chunk, ErrorKind
+from backends.collect import collect, with_usage
 
 log = logging.getLogger("llm_gateway.llamacpp")
 
@@ -201,7 +202,7 @@ class LlamaCppStream:
         item = self._pending.popleft() if self._pending else await self._queue.get()
         if isinstance(item, BackendError):
             self._finished = True
-            raise BackendError(ErrorKind.MID_STREAM, item.message)
+            raise BackendError(ErrorKind.MID_STREAM, item.message, cause=item.kind, param=item.param)
         return self._handle(item)
 
     def _handle(self, item: tuple[str, str | None] | int) -> Chunk:
@@ -319,23 +320,7 @@ class LlamaCppBackend:
         return self._llm
 
     async def chat(self, body: Body) -> Body:
-        stream = await self.stream(body | {"stream_options": {"include_usage": True}})
-        parts: list[str] = []
-        finish = usage = None
-        try:
-            async for chunk in stream:
-                for choice in chunk["choices"]:
-                    parts.append(choice["delta"].get("content") or "")
-                    finish = choice["finish_reason"] or finish
-                usage = chunk.get("usage") or usage
-        except BackendError as exc:  # nothing reached the client yet: not a mid-stream failure
-            raise BackendError(ErrorKind.UPSTREAM_5XX, exc.message) from None
-        finally:
-            await stream.aclose()
-        message = {"role": "assistant", "content": "".join(parts)}
-        choice = dict(index=0, message=message, logprobs=None, finish_reason=finish)
-        head = dict(id=stream.id, object="chat.completion", created=stream.created, model=self.model)
-        return head | {"choices": [choice], "usage": usage}
+        return await collect(await self.stream(with_usage(body)))
 
     async def stream(self, body: Body) -> LlamaCppStream:
         messages = _messages(body.get("messages") or [])

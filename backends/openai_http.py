@@ -8,7 +8,6 @@ creates its own.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ import aiohttp
 import orjson
 
 from backends.base import REFUSALS, BackendError, Body, Chunk, ErrorKind
+from backends.collect import CompletionBuilder, before_first_byte, with_usage
 
 
 def _status_error(status: int, raw: bytes) -> BackendError:
@@ -42,13 +42,17 @@ def _status_error(status: int, raw: bytes) -> BackendError:
 
 
 class SSEChunkStream:
-    """Decodes an upstream SSE body into chunk dicts. The first chunk must arrive within
-    `first_timeout` of opening; later ones within `idle_timeout` of each other."""
+    """Decodes an upstream SSE body into chunk dicts. The first chunk must arrive by
+    `first_deadline`, later ones within `idle_timeout` of each other, and the last by `deadline`
+    (the whole request's; all on the loop's clock)."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, first_deadline: float, idle_timeout: float) -> None:
+    def __init__(
+        self, resp: aiohttp.ClientResponse, first_deadline: float, idle_timeout: float, deadline: float
+    ) -> None:
         self._resp = resp
         self._first_deadline = first_deadline
         self._idle = idle_timeout
+        self._deadline = deadline
         self._yielded = False
         self._done = False
         self._iter = self._chunks()  # one iterator: the first chunk and the rest come from it
@@ -57,53 +61,81 @@ class SSEChunkStream:
         return self._iter
 
     async def _chunks(self) -> AsyncGenerator[Chunk, None]:
-        buf = b""
+        rest = b""
         reader = self._resp.content
         while True:
-            event_end = buf.find(b"\n\n")
-            if event_end < 0:
-                data = await self._read(reader)
-                if not data:
-                    self._fail_eof()
-                buf += data.replace(b"\r\n", b"\n") if b"\r" in data else data
-                continue
-            event, buf = buf[:event_end], buf[event_end + 2 :]
-            payload = _sse_data(event)
-            if payload is None:
-                continue
-            if payload == b"[DONE]":
-                self._done = True
-                return
-            chunk = self._decode(payload)
-            self._yielded = True
-            yield chunk
+            payloads, rest = await self._next_events(reader, rest)
+            for payload in payloads:
+                if payload == b"[DONE]":
+                    self._done = True
+                    return
+                chunk = self._decode(payload)
+                self._yielded = True
+                yield chunk
+
+    async def collect(self) -> Body:
+        """Read the stream to its end and fold it into one `chat.completion` (the JSON path): the
+        same deadlines, without an async step per chunk. A failure part-way is reported as the
+        kind it would have had before the first chunk (nothing reached a client)."""
+        builder = CompletionBuilder()
+        rest = b""
+        reader = self._resp.content
+        try:
+            while not self._done:
+                payloads, rest = await self._next_events(reader, rest)
+                for payload in payloads:
+                    if payload == b"[DONE]":
+                        self._done = True
+                        break
+                    builder.add(self._decode(payload))
+                    self._yielded = True
+        except BackendError as exc:
+            raise before_first_byte(exc) from None
+        finally:
+            await self.aclose()
+        return builder.completion()
+
+    async def _next_events(self, reader: aiohttp.StreamReader, rest: bytes) -> tuple[list[bytes], bytes]:
+        """Read until at least one event is complete: (their data payloads, the incomplete rest)."""
+        while True:
+            data = await self._read(reader)
+            if not data:
+                self._fail_eof()
+            payloads, rest = _split_events(rest + data)
+            if payloads:
+                return payloads, rest
 
     async def _read(self, reader: aiohttp.StreamReader) -> bytes:
-        timeout = self._idle if self._yielded else max(0.0, self._first_deadline - time.monotonic())
+        due = asyncio.get_running_loop().time() + self._idle if self._yielded else self._first_deadline
         try:
-            return await asyncio.wait_for(reader.readany(), timeout)
+            async with asyncio.timeout_at(min(due, self._deadline)):
+                return await reader.readany()
         except TimeoutError:
-            what = "between chunks" if self._yielded else "before the first token"
-            raise BackendError(self._kind(ErrorKind.TIMEOUT), f"The model server timed out {what}.") from None
+            if due > self._deadline:
+                what = "did not finish within the request deadline"
+            else:
+                what = "timed out between chunks" if self._yielded else "timed out before the first token"
+            raise self._error(ErrorKind.TIMEOUT, f"The model server {what}.") from None
         except (aiohttp.ClientError, ConnectionError) as exc:
-            raise BackendError(self._kind(ErrorKind.CONNECT), "The model server dropped the stream.") from exc
+            raise self._error(ErrorKind.CONNECT, "The model server dropped the stream.") from exc
 
     def _fail_eof(self) -> None:
-        raise BackendError(self._kind(ErrorKind.CONNECT), "The model server ended the stream early.")
+        raise self._error(ErrorKind.CONNECT, "The model server ended the stream early.")
 
-    def _kind(self, before_first: ErrorKind) -> ErrorKind:
-        return ErrorKind.MID_STREAM if self._yielded else before_first
+    def _error(self, before_first: ErrorKind, message: str) -> BackendError:
+        if self._yielded:
+            return BackendError(ErrorKind.MID_STREAM, message, cause=before_first)
+        return BackendError(before_first, message)
 
     def _decode(self, payload: bytes) -> Chunk:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            kind = self._kind(ErrorKind.PROTOCOL)
-            raise BackendError(kind, "The model server sent invalid JSON.") from None
+            raise self._error(ErrorKind.PROTOCOL, "The model server sent invalid JSON.") from None
         if not isinstance(chunk, dict):
-            raise BackendError(self._kind(ErrorKind.PROTOCOL), "The model server sent an invalid chunk.")
+            raise self._error(ErrorKind.PROTOCOL, "The model server sent an invalid chunk.")
         if "error" in chunk or chunk.get("object") == "error":
-            raise BackendError(self._kind(ErrorKind.UPSTREAM_5XX), "The model server failed mid-stream.")
+            raise self._error(ErrorKind.UPSTREAM_5XX, "The model server failed mid-stream.")
         return chunk
 
     async def aclose(self) -> None:
@@ -112,6 +144,22 @@ class SSEChunkStream:
             self._resp.release()
         else:
             self._resp.close()  # drops the connection: the server sees the disconnect and stops
+
+
+def _split_events(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The data payloads of the complete events in `buf` (comments and empty events skipped),
+    and what follows the last complete event."""
+    if b"\r" in buf:
+        buf = buf.replace(b"\r\n", b"\n")
+    events = buf.split(b"\n\n")
+    rest = events.pop()
+    payloads = []
+    for event in events:
+        if event.startswith(b"data: ") and b"\n" not in event:  # what servers send: one data line
+            payloads.append(event[6:])
+        elif (payload := _sse_data(event)) is not None:
+            payloads.append(payload)
+    return payloads, rest
 
 
 def _sse_data(event: bytes) -> bytes | None:
@@ -136,9 +184,6 @@ class OpenAIHTTPBackend:
         self._headers = {"content-type": "application/json"}
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
-        self._chat_timeout = aiohttp.ClientTimeout(
-            total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s
-        )
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_s, sock_read=None
         )
@@ -158,41 +203,31 @@ class OpenAIHTTPBackend:
             return await self._session.post(self._url, data=data, headers=self._headers, timeout=limits)
 
     async def chat(self, body: Body) -> Body:
-        try:
-            async with await self._post(orjson.dumps(body), self._chat_timeout) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except TimeoutError:
-            raise BackendError(ErrorKind.TIMEOUT, "The model server timed out.") from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise BackendError(ErrorKind.CONNECT, "The model server could not be reached.") from exc
-        if status >= 400:
-            raise _status_error(status, raw)
-        try:
-            data: Body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise BackendError(ErrorKind.PROTOCOL, "The model server sent invalid JSON.") from None
-        return data
+        return await (await self.stream(with_usage(body))).collect()
 
     async def stream(self, body: Body) -> SSEChunkStream:
-        deadline = time.monotonic() + self._s.first_token_timeout_s
+        """Open the stream: connect, send, and read the response head by the first-token deadline
+        (the stream then holds the first chunk to it, each later one to the idle timeout, and all
+        of it to the request deadline)."""
+        now = asyncio.get_running_loop().time()
+        first_deadline, deadline = now + self._s.first_token_timeout_s, now + self._s.request_timeout_s
         try:
-            resp = await asyncio.wait_for(
-                self._post(orjson.dumps(body), self._stream_timeout), self._s.first_token_timeout_s
-            )
+            async with asyncio.timeout_at(min(first_deadline, deadline)):
+                resp = await self._post(orjson.dumps(body), self._stream_timeout)
         except TimeoutError:
             raise BackendError(ErrorKind.TIMEOUT, "The model server timed out before answering.") from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise BackendError(ErrorKind.CONNECT, "The model server could not be reached.") from exc
         if resp.status >= 400:
             try:
-                raw = await asyncio.wait_for(resp.read(), 5)
+                async with asyncio.timeout(5):
+                    raw = await resp.read()
             except (TimeoutError, aiohttp.ClientError):
                 raw = b""
             finally:
                 resp.release()
             raise _status_error(resp.status, raw)
-        return SSEChunkStream(resp, deadline, self._s.idle_timeout_s)
+        return SSEChunkStream(resp, first_deadline, self._s.idle_timeout_s, deadline)
 
     async def health(self) -> bool:
         return True  # a plain OpenAI server has no standard health route: the breaker decides

@@ -1,17 +1,23 @@
-"""Replicas and their health: circuit breakers, probes, least-outstanding pick, the attempt order.
+"""Replicas and their health: circuit breakers, probes, the routing policy, the attempt order.
 
 A `Member` wraps one backend with its live state (outstanding requests, last probe, breaker).
-`attempt_order` turns a variant's pool and fallback list into the ordered backends to try.
+`route` turns a variant's pool and fallback list into the ordered backends to try, by the
+configured policy (affinity with a load guard, least outstanding, random); backends/affinity.py
+holds its pure hashing parts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
 
+from backends.affinity import load_cap, replica_seed, weight
 from backends.base import Backend
 
 log = logging.getLogger("llm_gateway.pool")
@@ -44,6 +50,12 @@ class Breaker:
             return True
         return False
 
+    def reopens_in(self) -> float:
+        """Seconds until the half-open trial may go (0 when the breaker lets requests through)."""
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._reset_s - (self._clock() - self._opened_at))
+
     def available(self) -> bool:
         """Like allow() but without taking the half-open trial (for ordering decisions)."""
         state = self.state
@@ -59,7 +71,7 @@ class Breaker:
             self._opened_at = self._clock()
 
 
-@dataclass
+@dataclass(eq=False)  # a replica is itself: compared by identity, never field by field
 class Member:
     backend: Backend
     breaker: Breaker
@@ -70,10 +82,34 @@ class Member:
     waiting: float | None = None
     probe_interval_s: float = 5.0
     last_probe: float = field(default=0.0)
+    running: float | None = None  # vllm:num_requests_running, as last probed
+    kv_usage: float | None = None  # vllm:kv_cache_usage_perc (0..1), as last probed
+    send_priority: bool = False  # forward the tier's priority (vLLM with --scheduling-policy priority)
+    seed: int = field(init=False, default=0)
+    routes: dict[str, int] = field(default_factory=dict)  # requests routed here first, by route
+    spills: dict[str, int] = field(default_factory=dict)  # preferred here but sent elsewhere, by reason
+
+    def __post_init__(self) -> None:
+        self.seed = replica_seed(self.backend.name)
 
     @property
     def name(self) -> str:
         return self.backend.name
+
+    def saturation(self, cfg: RoutingConfig) -> str | None:
+        """Why this replica should take no new work while another has room; None when it has room."""
+        if self.waiting is not None and self.waiting > cfg.saturated_waiting:
+            return "waiting"
+        if self.kv_usage is not None and self.kv_usage >= cfg.saturated_kv_usage:
+            return "kv_cache"
+        limit = cfg.saturated_outstanding
+        if limit is not None and self.outstanding >= limit:
+            return "outstanding"
+        return None
+
+    def next_probe_in(self) -> float:
+        """Seconds until the next probe may show that this replica's load has changed."""
+        return max(0.0, self.last_probe + self.probe_interval_s - time.monotonic())
 
     def usable(self) -> bool:
         if not self.healthy or not self.breaker.available():
@@ -82,6 +118,13 @@ class Member:
             return False
         deep = self.max_waiting is not None and self.waiting is not None and self.waiting > self.max_waiting
         return not deep
+
+    def retry_after(self) -> float:
+        """An honest estimate of when this member may take a request again: its breaker's
+        reopening, or the next health probe when it is marked unhealthy; 1 s when only busy."""
+        if not self.healthy:
+            return max(1.0, self.last_probe + self.probe_interval_s - time.monotonic())
+        return max(1.0, self.breaker.reopens_in())
 
     def skip_reason(self) -> str:
         if not self.healthy:
@@ -101,16 +144,194 @@ def attempt_order(members: dict[str, Member], pool: Iterable[str], fallback: Ite
     return chain
 
 
+class RoutingConfig(Protocol):
+    """What `route` reads of proxy.settings.RoutingSettings (structurally: backends import no proxy)."""
+
+    @property
+    def policy(self) -> str: ...
+    @property
+    def load_guard(self) -> bool: ...
+    @property
+    def load_factor(self) -> float: ...
+    @property
+    def load_floor(self) -> int: ...
+    @property
+    def saturated_waiting(self) -> int: ...
+    @property
+    def saturated_kv_usage(self) -> float: ...
+    @property
+    def saturated_outstanding(self) -> int | None: ...
+    @property
+    def shed_priority(self) -> int: ...
+
+
+ROUTES = ("affinity", "spill", "least_loaded", "random")  # how the first member of a chain was chosen
+# why a key's preferred replica was left: its saturation, the bounded load, or why it is unusable
+SPILL_REASONS = (
+    "waiting",
+    "kv_cache",
+    "outstanding",
+    "bounded_load",
+    "unhealthy",
+    "breaker_open",
+    "saturated",
+    "queue_too_deep",
+)
+_RNG = random.Random()  # spreads load; nothing secret depends on it
+
+
+@dataclass(slots=True)
+class Route:
+    chain: list[Member]  # the usable pool members in the order to try, then the usable fallbacks
+    how: str  # one of ROUTES, or "shed": the pool is saturated and this request's tier yields
+    reason: str | None = None  # spill: why the preferred replica was left; shed: the saturation
+
+
+def route(
+    members: dict[str, Member],
+    pool: Sequence[str],
+    fallback: Iterable[str],
+    cfg: RoutingConfig,
+    key: int = 0,
+    priority: int = 0,
+    rng: random.Random = _RNG,
+) -> Route:
+    """The attempt order for one request. `key` is its affinity key (backends/affinity.py) and
+    `priority` its tier's (lower first). A shed request is offered only the fallbacks."""
+    replicas = [members[n] for n in pool]
+    if priority >= cfg.shed_priority:
+        saturated = _pool_saturation(replicas, cfg)
+        if saturated is not None:
+            return Route(_fallbacks(members, fallback, ()), "shed", saturated)
+    if cfg.policy == "affinity":
+        plan = _affinity(replicas, cfg, key)
+    elif cfg.policy == "random":
+        usable = [m for m in replicas if m.usable()]
+        plan = Route(rng.sample(usable, len(usable)), "random")
+    else:
+        plan = Route(attempt_order(members, pool, ()), "least_loaded")
+    if plan.chain:
+        first = plan.chain[0]
+        first.routes[plan.how] = first.routes.get(plan.how, 0) + 1
+    plan.chain.extend(_fallbacks(members, fallback, plan.chain))
+    return plan
+
+
+def _affinity(replicas: list[Member], cfg: RoutingConfig, key: int) -> Route:
+    """Rendezvous order for the key; with the load guard, the first replica in that order that is
+    neither saturated nor over the bounded load, except that a saturated preferred replica hands
+    over to the replica with the most room (its queue is the problem, not the key's balance)."""
+    ranked = sorted(replicas, key=lambda m: weight(key, m.seed), reverse=True)
+    usable = [m for m in ranked if m.usable()]
+    if not usable:
+        return Route(usable, "affinity")
+    chain = _guarded(usable, cfg) if cfg.load_guard else usable
+    top = ranked[0]
+    if chain[0] is top:
+        return Route(chain, "affinity")
+    reason = _left_because(top, cfg)
+    top.spills[reason] = top.spills.get(reason, 0) + 1
+    return Route(chain, "spill", reason)
+
+
+def _guarded(usable: list[Member], cfg: RoutingConfig) -> list[Member]:
+    """`usable` is in rendezvous order; returns the order to try (unsaturated first). One pass and
+    two lists: this runs for every request."""
+    room: list[Member] = []
+    full: list[Member] = []
+    in_flight = 0
+    for m in usable:
+        in_flight += m.outstanding
+        (room if m.saturation(cfg) is None else full).append(m)
+    if not room:  # every replica saturated (and this tier is not shed): no replica has room to
+        room, full = full, []  # offer, so locality (cached prefixes: less prefill) is worth most
+    full.sort(key=_load)
+    chosen = room[0]
+    if chosen is not usable[0]:  # the key's replica is saturated: the one with the most room
+        chosen = min(room, key=_load)
+    else:
+        cap = load_cap(in_flight, len(usable), cfg.load_factor, cfg.load_floor)
+        if chosen.outstanding + 1 > cap:  # a hot key: on to its next replica that is under the bound
+            chosen = next((m for m in room if m.outstanding + 1 <= cap), None) or min(room, key=_load)
+    if chosen is not room[0]:
+        room.remove(chosen)
+        room.insert(0, chosen)
+    room.extend(full)
+    return room
+
+
+def _left_because(top: Member, cfg: RoutingConfig) -> str:
+    if not top.usable():
+        return top.skip_reason()
+    return top.saturation(cfg) or "bounded_load"
+
+
+def _load(member: Member) -> float:
+    """Requests this gateway has in flight there plus the server's own queue (as last probed)."""
+    return member.outstanding + (member.waiting or 0.0)
+
+
+def _pool_saturation(replicas: list[Member], cfg: RoutingConfig) -> str | None:
+    """The first usable replica's saturation when every usable replica is saturated, else None.
+    A pool with no usable replica is not "saturated": it is down, and fails over as such."""
+    found: str | None = None
+    for member in replicas:
+        if member.usable():
+            state = member.saturation(cfg)
+            if state is None:
+                return None
+            found = found or state
+    return found
+
+
+def shed_retry_after(replicas: Iterable[Member], reason: str | None) -> int:
+    """Seconds a shed client should wait: until the next probe may show the pool's queues shorter
+    (our own in-flight count, by contrast, falls as soon as a request ends)."""
+    if reason == "outstanding":
+        return 1
+    return max(1, math.ceil(min((m.next_probe_in() for m in replicas), default=1.0)))
+
+
+def _fallbacks(
+    members: dict[str, Member], fallback: Iterable[str], taken: Collection[Member]
+) -> list[Member]:
+    return [m for m in (members[n] for n in fallback) if m.usable() and m not in taken]
+
+
+class Gauges(NamedTuple):
+    """A replica's load as its server reports it (vLLM: /metrics)."""
+
+    waiting: float
+    running: float | None = None
+    kv_usage: float | None = None
+
+
+@runtime_checkable
+class GaugeSource(Protocol):
+    """A backend that reports more than its queue (backends/vllm.py)."""
+
+    async def gauges(self) -> Gauges | None: ...
+
+
+async def _probe(member: Member, source: GaugeSource | None) -> tuple[bool, Gauges | None]:
+    healthy = await member.backend.health()
+    if source is not None:
+        return healthy, await source.gauges()
+    waiting = await member.backend.load()
+    return healthy, None if waiting is None else Gauges(waiting)
+
+
 async def probe_forever(member: Member) -> None:
     """Periodic health and load probe for one member; runs until cancelled by the lifespan."""
+    source = member.backend if isinstance(member.backend, GaugeSource) else None
     while True:
         try:
-            healthy = await member.backend.health()
-            waiting = await member.backend.load()
+            healthy, gauges = await _probe(member, source)
         except Exception:  # a probe must never die: any failure just marks the member unhealthy
             log.warning("health probe failed", extra={"backend": member.name}, exc_info=True)
-            healthy, waiting = False, None
+            healthy, gauges = False, None
         if healthy != member.healthy:
             log.warning("backend %s is now %s", member.name, "healthy" if healthy else "unhealthy")
-        member.healthy, member.waiting, member.last_probe = healthy, waiting, time.monotonic()
+        member.healthy, member.last_probe = healthy, time.monotonic()
+        member.waiting, member.running, member.kv_usage = gauges or (None, None, None)
         await asyncio.sleep(member.probe_interval_s)

@@ -33,6 +33,7 @@ from policies.normalize import (
 )
 
 MAX_WORD_CHARS = 64  # longest entry, in normalized characters (it bounds the stream hold-back)
+_SPELLED_MIN = 3  # characters a CJK word needs before breaks between all of them count as gaps
 
 
 class WordListError(ValueError):
@@ -241,23 +242,23 @@ class Matcher:
         return out
 
     def _gaps_ok(self, n: Normalized, p: Pattern, pos: list[int]) -> bool:
-        return all(
-            self._gap_ok(n, pos[j - 1], pos[j], j in p.breaks)
-            for j in range(1, len(pos))
-            if pos[j] - pos[j - 1] > 1
-        )
+        gapped = [j for j in range(1, len(pos)) if pos[j] - pos[j - 1] > 1]
+        spelled = len(pos) >= _SPELLED_MIN and len(gapped) == len(pos) - 1
+        return all(self._gap_ok(n, pos[j - 1], pos[j], j in p.breaks, spelled) for j in gapped)
 
     def _is_word(self, n: Normalized, i: int) -> bool:
         """A letter or digit of a space-separated script (which a word boundary may not touch)."""
         return bool(self._tab.word[n.norm[i]])
 
-    def _gap_ok(self, n: Normalized, a: int, b: int, listed: bool) -> bool:
+    def _gap_ok(self, n: Normalized, a: int, b: int, listed: bool, spelled: bool) -> bool:
         """Separators between norm[a] and norm[b] (two characters of one word).
         A listed separator (phrase entry) allows any. Otherwise at most `max_gap`, and:
-        symbols and emoji always pass ("f*ck", "洗💰钱"); sentence punctuation and line breaks
-        never pass between CJK characters ("洗。钱" is two clauses); white space and word
-        punctuation pass between Latin letters only when each side is a lone letter ("s e x",
-        "f.u.c.k"), so "it's ex-wife" does not spell "sex"."""
+        symbols and emoji always pass ("f*ck", "洗💰钱"); between CJK characters sentence
+        punctuation and line breaks pass only when the word is spelled out, every one of its (3+)
+        characters set apart ("习.近-平", "习\n近\n平"): a lone break is a clause boundary ("办法。
+        轮到你" does not spell 法轮); white space and word punctuation pass between Latin letters
+        only when each side is a lone letter ("s e x", "f.u.c.k"), so "it's ex-wife" does not
+        spell "sex"."""
         gap = b - a - 1
         if listed:
             return gap <= self.gap_limit
@@ -266,7 +267,7 @@ class Matcher:
         cls = self._tab.cls
         bits = np.bitwise_or.reduce(cls[n.norm[a + 1 : b]])
         if cls[n.norm[a]] & NOSPACE or cls[n.norm[b]] & NOSPACE:
-            return not bits & CJK_BREAK
+            return spelled or not bits & CJK_BREAK
         if not bits & (LATIN_BREAK | CJK_BREAK):
             return True
         before = a > 0 and bool(cls[n.norm[a - 1]] & ALNUM)

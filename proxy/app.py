@@ -99,7 +99,7 @@ class Runtime:
             auth = Authenticator(s.auth, secret=secret, session=session)  # reads public_key_file itself
             limiter = RateLimiter(s.limits, s.redis_url)
             guard = PolicyGuard(s.policies)
-            embedder = build_embedder(s.cache.semantic, session) if s.cache.semantic.enabled else None
+            embedder = build_embedder(s.cache.semantic, session) if s.cache.semantic_on else None
             cache = ResponseCache(s.cache, s.redis_url, embedder)
             for part in (auth, limiter, guard, *((embedder,) if embedder else ()), cache):
                 await part.start()
@@ -127,6 +127,7 @@ class Runtime:
                 max_concurrency=getattr(cfg, "max_concurrency", None),
                 max_waiting=getattr(cfg, "max_waiting", None),
                 probe_interval_s=getattr(cfg, "health_interval_s", 5.0),
+                send_priority=getattr(cfg, "send_priority", False),
             )
         tasks = [asyncio.create_task(probe_forever(m), name=f"probe:{m.name}") for m in members.values()]
 

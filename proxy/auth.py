@@ -27,7 +27,7 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from proxy.errors import PermissionDenied, Unauthorized
+from proxy.errors import PermissionDenied, ServiceUnavailable, Unauthorized
 from proxy.jwks import MAX_KID_CHARS, JwksCache, key_fits
 from proxy.settings import AuthSettings
 
@@ -44,6 +44,8 @@ _VERIFIED_MAX = 4096  # tokens whose signature check is remembered (a client reu
 
 MISSING = "Missing API key: send 'Authorization: Bearer <token>'."
 INVALID = "Invalid or expired API key."
+KEYS_UNAVAILABLE = "The gateway cannot verify API keys right now (its key server is unreachable)."
+_KEYS_RETRY_AFTER_S = 5
 
 
 class _Reject(Exception):
@@ -118,7 +120,9 @@ class Authenticator:
         return keys
 
     async def start(self) -> None:
-        """With a JWKS URL: fetch the keys once (a failure is a start-up error), then keep them fresh."""
+        """With a JWKS URL: fetch the keys once, then keep them fresh in the background. A key
+        server that cannot be reached does not stop the gateway: until its keys load, tokens that
+        need them get a 503 with retry-after (see `authenticate`) and readiness says why."""
         url = self._settings.jwks_url
         if not url:
             return
@@ -126,14 +130,13 @@ class Authenticator:
             self._session, self._own_session = aiohttp.ClientSession(), True
         asym = frozenset(a for a in self._algorithms if not a.startswith("HS"))
         self._jwks = JwksCache(url, asym, self._settings, self._session, self._clock)
-        if not await self._jwks.refresh():
-            raise RuntimeError(f"auth: cannot load the JWKS from {url}")
-        self._refresher = asyncio.create_task(self._refresh_later(), name="jwks-refresh")
+        await self._jwks.refresh()
+        self._refresher = asyncio.create_task(self._jwks.run(), name="jwks-refresh")
 
-    async def _refresh_later(self) -> None:
-        assert self._jwks is not None
-        await asyncio.sleep(self._settings.jwks_cache_s)
-        await self._jwks.run()
+    @property
+    def keys_missing(self) -> bool:
+        """True while a configured JWKS has never loaded (tokens signed with its keys cannot be checked)."""
+        return self._jwks is not None and not self._jwks.loaded
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -183,6 +186,8 @@ class Authenticator:
         key = self._static.get(alg)
         if key is None and self._jwks is not None:
             key = await self._jwks.key_for(kid, alg)
+            if key is None and not self._jwks.loaded:
+                raise ServiceUnavailable(KEYS_UNAVAILABLE, headers={"retry-after": str(_KEYS_RETRY_AFTER_S)})
         if key is None:
             raise _Reject("no key for this kid/alg")
         return key

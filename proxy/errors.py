@@ -60,6 +60,9 @@ class ContentFiltered(InvalidRequest):
 class Unauthorized(GatewayError):
     status, type, code, should_retry = 401, "invalid_request_error", "invalid_api_key", False
 
+    def response_headers(self) -> dict[str, str]:
+        return {**super().response_headers(), "www-authenticate": 'Bearer realm="llm-gateway"'}
+
 
 class PermissionDenied(GatewayError):
     status, type, code, should_retry = 403, "invalid_request_error", "model_not_allowed", False
@@ -89,7 +92,13 @@ class ClientDisconnected(GatewayError):
 
 
 class RateLimited(GatewayError):
-    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+    """OpenAI names the limit that was hit in `type`: "requests" or "tokens"."""
+
+    status, code = 429, "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.type = limit
 
 
 class BadGateway(GatewayError):

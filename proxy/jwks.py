@@ -23,7 +23,8 @@ _MIN_RSA_BITS = 2048
 _CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}
 _JWKS_MAX_BYTES = 1 << 20
 _JWKS_TIMEOUT_S = 5.0
-_JWKS_RETRY_S = 30.0  # after a failed background refresh
+_JWKS_RETRY_S = 30.0  # after a failed background refresh (the longest wait while none ever loaded)
+_JWKS_FIRST_RETRY_S = 1.0  # while no key set ever loaded: retry after 1 s, doubling up to _JWKS_RETRY_S
 
 
 def key_fits(alg: str, key: Any) -> bool:
@@ -50,6 +51,7 @@ class JwksCache:
         self._keys: dict[str, tuple[frozenset[str], Any]] = {}
         self._last_attempt = -math.inf
         self._inflight: asyncio.Task[bool] | None = None
+        self._last_ok = False
         self.fetches = 0  # completed fetch attempts, for metrics and tests
 
     async def key_for(self, kid: str | None, alg: str) -> Any | None:
@@ -89,11 +91,14 @@ class JwksCache:
                 raise ValueError("JWKS document too large")
             keys = self._parse(orjson.loads(body))
         except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
-            log.warning("JWKS fetch from %s failed: %s", self._url, exc)
+            # the type too: a timeout or a refused connection has no text of its own
+            reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            log.warning("JWKS fetch from %s failed: %s", self._url, reason)
+            self._last_ok = False
             return False
         finally:
             self.fetches += 1
-        self._keys = keys
+        self._keys, self._last_ok = keys, True
         return True
 
     def _parse(self, doc: Any) -> dict[str, tuple[frozenset[str], Any]]:
@@ -129,11 +134,24 @@ class JwksCache:
         algs = frozenset(a for a in family if key_fits(a, key))
         return (kid, (algs, key)) if algs else None
 
+    @property
+    def loaded(self) -> bool:
+        """Whether a key set was ever loaded (a later failed refresh keeps the last good one)."""
+        return bool(self._keys)
+
     async def run(self) -> None:
-        """Background refresh: every `jwks_cache_s`, sooner after a failure; keeps the last good set."""
+        """Background refresh: every `jwks_cache_s`, sooner after a failure (from 1 s, doubling,
+        while no set ever loaded); keeps the last good set."""
+        backoff = _JWKS_FIRST_RETRY_S
         while True:
-            ok = await self.refresh()
-            await asyncio.sleep(self._cache_s if ok else min(self._cache_s, _JWKS_RETRY_S))
+            if self._last_ok:
+                wait, backoff = self._cache_s, _JWKS_FIRST_RETRY_S
+            elif self.loaded:
+                wait = _JWKS_RETRY_S
+            else:
+                wait, backoff = backoff, min(backoff * 2, _JWKS_RETRY_S)
+            await asyncio.sleep(min(wait, self._cache_s))
+            await self.refresh()
 
     async def close(self) -> None:
         if self._inflight is not None:

@@ -189,6 +189,9 @@ class StateMetrics:
         self.followups = gauge(
             "llm_gateway_followup_tasks", "Cache stores and refunds in flight", (), "livesum"
         )
+        self.loop_tasks = gauge(
+            "llm_gateway_event_loop_tasks", "Tasks alive on the event loop (a leak grows it)", (), "livesum"
+        )
         self.cache = Counter("llm_gateway_cache_lookups", "Cache lookups", ("layer", "result"), registry=r)
         self.stores = Counter("llm_gateway_cache_stores", "Cache stores by result", ("result",), registry=r)
         self.rejections = Counter(
@@ -203,6 +206,38 @@ class StateMetrics:
             "llm_gateway_redis_errors", "Redis failures (cache: embedder too)", ("component",), registry=r
         )
         self.reloads = Counter("llm_gateway_policy_reloads", "Word-list reloads", ("result",), registry=r)
+        self.routes = Counter(
+            "llm_gateway_routes",
+            "Requests a pool replica was put first for, by route (affinity: its key's own replica; "
+            "spill: the key's replica was left for it; least_loaded; random)",
+            ("backend", "route"),
+            registry=r,
+        )
+        self.spills = Counter(
+            "llm_gateway_route_spills",
+            "Requests whose affinity replica was left, by reason (waiting, kv_cache, outstanding, "
+            "bounded_load, or why it was unusable)",
+            ("backend", "reason"),
+            registry=r,
+        )
+        self.kv_usage = gauge(
+            "llm_gateway_backend_kv_cache_usage", "vLLM KV-cache usage (0-1), as last probed", b, "mostrecent"
+        )
+        self.semantic_skips = Counter(
+            "llm_gateway_semantic_skips",
+            "Semantic layer skipped: stage lookup|store, reason budget|late|full|window|error",
+            ("stage", "reason"),
+            registry=r,
+        )
+        self.vectors = Counter(
+            "llm_gateway_semantic_vectors", "Vectors by source (embedded | reused)", ("source",), registry=r
+        )
+        self.embed_queue = gauge(
+            "llm_gateway_embedder_queue_depth", "Texts waiting for the embedder", (), "livesum"
+        )
+        self.embed_wait = gauge(
+            "llm_gateway_semantic_wait_max_seconds", "Longest wait of a lookup for its vector", (), "max"
+        )
         self._seen: dict[tuple[Any, ...], float] = {}
 
     def sync(self, gw: Gateway, store: ExperimentStore | None, followups: int) -> None:
@@ -212,7 +247,13 @@ class StateMetrics:
             self.outstanding.labels(name).set(member.outstanding)
             if member.waiting is not None:
                 self.queue.labels(name).set(member.waiting)
+            if member.kv_usage is not None:
+                self.kv_usage.labels(name).set(member.kv_usage)
         self.followups.set(followups)
+        if (depth := gw.cache.embedder_depth()) is not None:
+            self.embed_queue.set(depth)
+            self.embed_wait.set(gw.cache.stats.vectors.max_wait_s)
+        self.loop_tasks.set(len(asyncio.all_tasks()))
         for counter, labels, total in self._totals(gw, store):
             self._count(counter, labels, total)
 
@@ -232,8 +273,14 @@ class StateMetrics:
             (self.redis_errors, ("cache",), c.bypass_errors + c.store_errors),
             (self.reloads, ("ok",), guard.reloads),
             (self.reloads, ("error",), guard.reload_errors),
+            (self.vectors, ("embedded",), c.vectors.embedded),
+            (self.vectors, ("reused",), c.vectors.reused),
         ]
         totals += [(self.rejections, (kind,), n) for kind, n in lim.rejected.items()]
+        for name, member in gw.members.items():
+            totals += [(self.routes, (name, how), n) for how, n in member.routes.items()]
+            totals += [(self.spills, (name, why), n) for why, n in member.spills.items()]
+        totals += [(self.semantic_skips, stage_reason, n) for stage_reason, n in c.skips.items()]
         if store is not None:
             errors_ = store.stats.flush_errors + store.stats.mapping_errors
             totals.append((self.redis_errors, ("experiments",), errors_))

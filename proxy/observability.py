@@ -317,6 +317,7 @@ class Observer:
             backend=call.backend,
             tried=call.tried,
             fallbacks=call.fallback_reasons,
+            route=call.route,  # affinity | spill | least_loaded | random | shed
             cache=call.cache,
             policy=call.policy,
             stream=call.stream,

@@ -9,6 +9,9 @@ Every stage is an object built and started by the lifespan (proxy/app.py) and in
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,8 +19,10 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from backends.affinity import request_key
 from backends.base import BackendError, ChunkStream, ErrorKind
-from backends.pool import Member, attempt_order
+from backends.pool import Member, route, shed_retry_after
+from backends.vllm import VllmBackend
 from policies.stream import ChunkFilter
 from proxy import errors
 from proxy.auth import Authenticator, Principal
@@ -46,7 +51,7 @@ from proxy.protocol import (
 from proxy.ratelimit import Admission, RateLimiter
 from proxy.routing import Router, apply_variant, sticky_key
 from proxy.settings import Settings, VariantSettings
-from proxy.streaming import JSONBytesResponse, SSEResponse, StreamTap, usage_chunk
+from proxy.streaming import DisconnectWatch, JSONBytesResponse, SSEResponse, StreamTap, usage_chunk
 
 T = TypeVar("T")
 Reply = SSEResponse | JSONBytesResponse
@@ -78,6 +83,7 @@ class Call:
     disconnected: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     completion_id: str | None = None  # the id the client saw; feedback maps it back to the variant
+    route: str | None = None  # how the pool ordered its replicas: affinity|spill|least_loaded|random|shed
 
 
 @dataclass(slots=True)
@@ -89,6 +95,8 @@ class Prepared:
     decision: CacheDecision
     admission: Admission
     key: str | None  # the exact cache key, when the cache is read or written
+    session: str | None  # the routing session header's value, when sent
+    salt: str | None  # vLLM's cache_salt for this tenant, when the model isolates prefix caches
 
 
 class Gateway:
@@ -119,6 +127,8 @@ class Gateway:
             names = {n for v in experiment.settings.variants for n in (*v.backends, *v.fallback)}
             if not any(self.members[n].usable() for n in names):
                 problems.append(f"model {name}: no usable backend")
+        if self.auth.keys_missing:  # every replica shares the key server: degraded, not unready
+            degraded.append("auth: signing keys not loaded (JWKS unreachable)")
         if self.settings.redis_url and not await self.limiter.redis_ok():
             fail_closed = self.settings.limits.on_redis_error == "fail_closed"
             (problems if fail_closed else degraded).append("redis unreachable")
@@ -140,12 +150,29 @@ class Gateway:
                 call.cache = found.status
             else:
                 call.cache = "bypass"
-            if prep.req.stream:
-                return await self._stream(prep, call)
-            return await self._complete(prep, call)
+            return await self._from_backends(prep, call, DisconnectWatch(request.receive).start())
         except BaseException:  # no response took the request over: settle here (idempotent)
             await prep.admission.settle(call.prompt_tokens + call.completion_tokens)
             raise
+
+    async def _from_backends(self, prep: Prepared, call: Call, watch: DisconnectWatch) -> Reply:
+        """From here on a backend works for this request: a client that leaves cancels it at once
+        (the upstream request is closed, nothing is stored, the reservation is settled)."""
+        handed_over = False
+        try:
+            if prep.req.stream:
+                reply = await self._stream(prep, call, watch)
+                handed_over = True
+                return reply
+            return await self._complete(prep, call)
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                raise
+            call.disconnected = True
+            raise errors.ClientDisconnected("The client closed the connection.") from None
+        finally:
+            if not handed_over:
+                watch.stop()
 
     async def _prepare(self, request: Request, raw: bytes, call: Call) -> Prepared:
         try:
@@ -191,7 +218,10 @@ class Gateway:
         free_if = self.cache.redis_field(cache_key) if cache_key is not None and decision.read else None
         admission = await self.limiter.admit(principal, reserve, free_if=free_if)
         call.headers.update(admission.headers)
-        return Prepared(req, body, variant, scope, decision, admission, cache_key)
+        salt = _salt(principal.tenant) if experiment.settings.isolate_prefix_cache else None
+        routing = experiment.settings.routing or self.settings.routing
+        session = request.headers.get(routing.session_header) or None
+        return Prepared(req, body, variant, scope, decision, admission, cache_key, session, salt)
 
     # -- cache hit --------------------------------------------------------------------------------
     def _serve_hit(self, hit: CachedAnswer, prep: Prepared, call: Call) -> Reply:
@@ -242,7 +272,7 @@ class Gateway:
         caller releases it when the response is over."""
         last_error: BackendError | None = None
         for member in self._chain(prep, call):
-            fwd = self._forward_body(body, member, call)
+            fwd = self._forward_body(body, member, prep, call)
             member.outstanding += 1
             try:
                 result = await attempt(member, fwd)
@@ -257,7 +287,7 @@ class Gateway:
                 raise
             member.breaker.success()
             return member, result
-        raise self._exhausted(last_error)
+        raise self._exhausted(prep, last_error)
 
     async def _complete(self, prep: Prepared, call: Call) -> JSONBytesResponse:
         member, completion = await self._first_success(prep, call, prep.body, _chat)
@@ -283,7 +313,7 @@ class Gateway:
         return self._json(filtered, call)
 
     # -- stream -----------------------------------------------------------------------------------
-    async def _stream(self, prep: Prepared, call: Call) -> Reply:
+    async def _stream(self, prep: Prepared, call: Call, watch: DisconnectWatch) -> Reply:
         body = dict(prep.body)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         member, (upstream, first) = await self._first_success(prep, call, body, _open_stream)
@@ -291,7 +321,7 @@ class Gateway:
         call.ttft_s = time.monotonic() - call.started
         call.completion_id = first.get("id")
         self._set_route_headers(call)
-        return SSEResponse(self._relay(upstream, first, member, prep, call), call.headers)
+        return SSEResponse(self._relay(upstream, first, member, prep, call), call.headers, watch=watch)
 
     async def _relay(
         self, upstream: ChunkStream, first: dict[str, Any], member: Member, prep: Prepared, call: Call
@@ -321,10 +351,13 @@ class Gateway:
             tap.complete = bool(tap.finish_reasons)
             yield DONE_FRAME
         except BackendError as exc:
-            call.status, call.error = 502, exc.kind.value
-            yield errors.BadGateway(
-                "The model server failed while streaming; the answer is incomplete."
-            ).sse_frame()
+            failure: errors.GatewayError = (
+                errors.GatewayTimeout("The model server stopped answering in time; the answer is incomplete.")
+                if exc.cause is ErrorKind.TIMEOUT
+                else errors.BadGateway("The model server failed while streaming; the answer is incomplete.")
+            )
+            call.status, call.error = failure.status, exc.kind.value
+            yield failure.sse_frame()
         except (asyncio.CancelledError, GeneratorExit):
             call.disconnected = True  # the client went away; finally closes the upstream request
             raise
@@ -346,22 +379,43 @@ class Gateway:
 
     # -- shared pieces ----------------------------------------------------------------------------
     def _chain(self, prep: Prepared, call: Call) -> list[Member]:
-        chain = attempt_order(self.members, prep.variant.backends, prep.variant.fallback)
-        for name in (*prep.variant.backends, *prep.variant.fallback):
+        """The backends to try, by the model's routing policy (backends/pool.py `route`): its key
+        is the request's session or conversation head, hashed once here."""
+        cfg = self.router.experiments[prep.req.model].settings.routing or self.settings.routing
+        priority = self.settings.limits.tier(call.principal.tier).priority if call.principal else 0
+        key = 0
+        if cfg.policy == "affinity":
+            session = prep.session or (prep.req.user if cfg.session_from_user else None)
+            key = request_key(prep.salt or "", prep.body["messages"], session, cfg.prefix_tokens)
+        variant = prep.variant
+        plan = route(self.members, variant.backends, variant.fallback, cfg, key, priority)
+        call.route = plan.how
+        chain = plan.chain
+        for name in (*variant.backends, *variant.fallback):
             member = self.members[name]
             if member not in chain:
-                call.fallback_reasons.append(member.skip_reason())
-        if not chain:
+                call.fallback_reasons.append("shed" if member.usable() else member.skip_reason())
+        if not chain and plan.how == "shed":
+            wait = shed_retry_after((self.members[n] for n in variant.backends), plan.reason)
             raise errors.ServiceUnavailable(
-                "No backend for this model is available right now.", headers={"retry-after": "1"}
+                "The model's servers are saturated; requests of this tier wait until they recover.",
+                headers={"retry-after": str(wait)},
             )
+        if not chain:
+            raise self._unavailable(prep, "No backend for this model is available right now.")
         return chain
 
-    def _forward_body(self, body: dict[str, Any], member: Member, call: Call) -> dict[str, Any]:
+    def _forward_body(
+        self, body: dict[str, Any], member: Member, prep: Prepared, call: Call
+    ) -> dict[str, Any]:
         """The body for one backend: its own model id, and max_tokens fitted to its context."""
         call.tried.append(member.name)
         fwd = dict(body)
         fwd["model"] = member.backend.model
+        if prep.salt is not None and isinstance(member.backend, VllmBackend):
+            fwd["cache_salt"] = prep.salt
+        if member.send_priority and call.principal is not None:
+            fwd["priority"] = self.settings.limits.tier(call.principal.tier).priority
         ctx = member.backend.context_length
         if ctx is None:
             return fwd
@@ -384,18 +438,23 @@ class Gateway:
             member.breaker.failure()
         return exc.retryable
 
-    def _exhausted(self, last: BackendError | None) -> errors.GatewayError:
-        if last is None:
-            return errors.ServiceUnavailable("No backend for this model is available right now.")
-        if last.kind is ErrorKind.BAD_REQUEST:
+    def _exhausted(self, prep: Prepared, last: BackendError | None) -> errors.GatewayError:
+        """The one mapping from how the last backend failed to what the client is told: no backend
+        able to take the request is an overload (503 + when to retry); 504 when the last one ran
+        out of time; 502 only when a backend answered with something invalid."""
+        kind = last.kind if last is not None else ErrorKind.OVERLOADED
+        if last is not None and kind is ErrorKind.BAD_REQUEST:
             return errors.InvalidRequest(last.message, param=last.param)
-        if last.kind is ErrorKind.TIMEOUT:
+        if kind is ErrorKind.TIMEOUT:
             return errors.GatewayTimeout("The model server did not answer in time.")
-        if last.kind in (ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED):
-            return errors.ServiceUnavailable(
-                "All backends are busy; retry shortly.", headers={"retry-after": "1"}
-            )
+        if kind in _UNAVAILABLE_KINDS or (last is not None and last.status == 503):
+            return self._unavailable(prep, "No backend for this model can take the request right now.")
         return errors.BadGateway("The model server failed; no fallback could answer.")
+
+    def _unavailable(self, prep: Prepared, message: str) -> errors.ServiceUnavailable:
+        names = (*prep.variant.backends, *prep.variant.fallback)
+        wait = min(self.members[n].retry_after() for n in names)
+        return errors.ServiceUnavailable(message, headers={"retry-after": str(max(1, math.ceil(wait)))})
 
     def _filter_output(self, completion: dict[str, Any], call: Call) -> dict[str, Any]:
         filtered, action = self.guard.filter_output(completion)
@@ -435,9 +494,16 @@ class Gateway:
         self.observer.spawn(coro)
 
 
+_UNAVAILABLE_KINDS = frozenset({ErrorKind.CONNECT, ErrorKind.OVERLOADED, ErrorKind.RATE_LIMITED})
 _BREAKER_KINDS = frozenset(
     {ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.UPSTREAM_5XX, ErrorKind.PROTOCOL, ErrorKind.REFUSED}
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def _salt(tenant: str) -> str:
+    """vLLM's cache_salt for a tenant: distinct per tenant, and not the tenant's name itself."""
+    return hashlib.blake2b(tenant.encode(), digest_size=16, person=b"llmgw-kv-salt").hexdigest()
 
 
 def _complete_choices(completion: dict[str, Any]) -> bool:

@@ -12,14 +12,24 @@ import json
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Accepted for SDK compatibility, never forwarded.
 DROPPED = frozenset({"store", "metadata", "service_tier", "user", "prediction", "modalities", "audio"})
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as OpenAI checks them ("stream": "yes" or "max_tokens": "16" are refused,
+    # not coerced); nested objects still validate from dicts
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Model):
@@ -133,15 +143,27 @@ class ChatRequest(_Model):
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ChatRequest:
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop: at most 4 sequences")
-        if self.stream_options is not None and not self.stream:
+    # field validators, so that the error names the parameter (`param`) as OpenAI does
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.top_logprobs is not None and not self.logprobs:
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return v
 
     @property
     def include_usage(self) -> bool:

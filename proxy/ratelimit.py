@@ -129,10 +129,11 @@ def _headers(tier: Quota, req_left: int, req_reset: float, tokens: float) -> dic
     }
 
 
-def _rejection(message: str, headers: dict[str, str], wait_s: float) -> RateLimited:
+def _rejection(limit: str, message: str, headers: dict[str, str], wait_s: float) -> RateLimited:
+    """`limit`: "requests" or "tokens", OpenAI's error type naming the limit that was hit."""
     headers["retry-after"] = str(max(1, math.ceil(wait_s)))
     headers["retry-after-ms"] = str(max(1, math.ceil(wait_s * 1000)))
-    return RateLimited(message, headers=headers)
+    return RateLimited(message, limit=limit, headers=headers)
 
 
 class RateLimiter:
@@ -219,6 +220,7 @@ class RateLimiter:
             exc = RateLimited(
                 f"Request too large: it may use {cost} tokens (prompt + max_tokens) but the limit is "
                 f"{tier.tokens} tokens per minute. Lower max_tokens or shorten the prompt.",
+                limit="tokens",
             )
             exc.should_retry = False
             self.stats.rejected["tokens"] += 1
@@ -262,6 +264,7 @@ class RateLimiter:
             wait = v.blocking + WINDOW_S - now
             self.stats.rejected["requests"] += 1
             raise _rejection(
+                "requests",
                 f"Rate limit reached for requests per minute (RPM): Limit {tier.requests}. "
                 f"Please try again in {format_duration(wait)}.",
                 _headers(tier, 0, wait, v.tokens),
@@ -272,6 +275,7 @@ class RateLimiter:
             wait = (cost - v.tokens) / tier.rate
             self.stats.rejected["tokens"] += 1
             raise _rejection(
+                "tokens",
                 f"Rate limit reached for tokens per minute (TPM): Limit {tier.tokens}, "
                 f"Requested {cost}. Please try again in {format_duration(wait)}.",
                 headers,
@@ -294,6 +298,7 @@ class RateLimiter:
             wait = cap.blocking + WINDOW_S - now
             self.stats.rejected["emergency"] += 1
             raise _rejection(
+                "requests",
                 "The gateway is running in degraded mode and has reached its emergency request cap. "
                 f"Please try again in {format_duration(wait)}.",
                 {},

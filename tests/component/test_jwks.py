@@ -16,7 +16,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.auth import Authenticator
-from proxy.errors import Unauthorized
+from proxy.errors import ServiceUnavailable, Unauthorized
 from proxy.settings import AuthSettings
 from tests.jwt_helpers import public_jwk
 
@@ -135,11 +135,18 @@ async def test_unknown_kid_flood_is_rate_limited(
         await auth.close()
 
 
-async def test_unreachable_idp_fails_start_up(session: aiohttp.ClientSession) -> None:
-    auth = Authenticator(settings("http://127.0.0.1:9/jwks.json"), session=session)
-    with pytest.raises(RuntimeError, match="JWKS"):
-        await auth.start()
-    await auth.close()
+async def test_unreachable_idp_starts_without_keys_and_answers_503(
+    session: aiohttp.ClientSession, keys: dict[str, Any]
+) -> None:
+    auth = Authenticator(settings("http://127.0.0.1:9/jwks.json", jwks_min_refetch_s=3600), session=session)
+    await auth.start()  # no exception: the gateway starts and says what is missing
+    try:
+        assert auth.keys_missing
+        with pytest.raises(ServiceUnavailable) as info:
+            await auth.authenticate([f"Bearer {token(keys['a'], 'a')}"])
+        assert int(info.value.headers["retry-after"]) >= 1
+    finally:
+        await auth.close()
 
 
 async def test_idp_outage_keeps_last_good_keys(

@@ -206,12 +206,13 @@ BAD = [
     ("negative max_tokens", _msgs(max_tokens=-1), 400, "max_tokens"),
     ("n too large", _msgs(n=1000), 400, "n"),
     ("presence_penalty out of range", _msgs(presence_penalty=3), 400, "presence_penalty"),
-    ("too many stops", _msgs(stop=["a", "b", "c", "d", "e"]), 400, None),
+    ("too many stops", _msgs(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("stream as a string", _msgs(stream="yes"), 400, "stream"),
     ("api_base smuggled", _msgs(api_base="http://169.254.169.254"), 400, "api_base"),
     ("base_url smuggled", _msgs(base_url="http://evil"), 400, "base_url"),
     ("chat_template smuggled", _msgs(chat_template="{{ 7*7 }}"), 400, "chat_template"),
     ("chat_template_kwargs smuggled", _msgs(chat_template_kwargs={"x": 1}), 400, "chat_template_kwargs"),
-    ("stream_options without stream", _msgs(stream_options={"include_usage": True}), 400, None),
+    ("stream_options without stream", _msgs(stream_options={"include_usage": True}), 400, "stream_options"),
     ("max_tokens beyond context", {"model": "local", "messages": [{"role": "user", "content": "hi " * 2100}]},
      400, "messages"),
     ("duplicate key", b'{"model":"assistant","model":"local","messages":[{"role":"user","content":"x"}]}', 400, None),
@@ -270,12 +271,12 @@ def test_max_tokens_is_clamped_to_the_vllm_context(gw: GatewayProcess, sim: Simu
 
 
 def test_failed_stream_refunds_its_token_reservation(gw: GatewayProcess, sim: SimulatorThread) -> None:
-    """A stream that fails before its first byte (502 here) must give its reservation back."""
+    """A stream that fails before its first byte (503 here) must give its reservation back."""
     headers = {"authorization": f"Bearer {gw.token('refund-user', tier='small')}"}
     body = {"model": "ab", "messages": HI, "max_tokens": 20000, "stream": True}
     with httpx.Client(base_url=gw.url, timeout=10) as http:
         sim.configure(fault="status", fault_status=503)
-        assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 502
+        assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 503
         sim.configure(fault="none")
         ok = http.post("/v1/chat/completions", json={**body, "max_tokens": 10}, headers=headers)
     remaining = int(ok.headers["x-ratelimit-remaining-tokens"])

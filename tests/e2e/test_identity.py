@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from loadtest.vllm_sim import SimulatorThread
-from tests.conftest import SECRET, GatewayProcess, gateway_config
+from tests.conftest import SECRET, GatewayProcess, free_port, gateway_config
 from tests.jwt_helpers import DROP, b64, public_jwk, with_claims
 
 AUD, ISS = "llm-gateway", "tests"
@@ -97,7 +97,7 @@ class JwksServer:
             self.keys = list(jwks)
 
 
-def serve_jwks(state: JwksServer) -> Callable[[], None]:
+def serve_jwks(state: JwksServer, port: int = 0) -> Callable[[], None]:
     """Serve `state.keys` on 127.0.0.1 from a thread; returns the function that stops it."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -114,7 +114,7 @@ def serve_jwks(state: JwksServer) -> Callable[[], None]:
         def log_message(self, *_args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="jwks", daemon=True)
     thread.start()
@@ -193,6 +193,7 @@ def assert_openai_error(
 def assert_refused(r: httpx.Response, sent: list[str | bytes], sim: SimulatorThread, *secrets_: str) -> None:
     """401 in OpenAI's shape, nothing the client sent echoed, no rate-limit bookkeeping, no backend call."""
     err = assert_openai_error(r, 401, "invalid_api_key")
+    assert r.headers["www-authenticate"].startswith("Bearer")  # RFC 6750: how to authenticate
     assert err["param"] is None
     assert err["message"] in (INVALID, MISSING)
     assert r.headers.get("x-should-retry") == "false"
@@ -529,6 +530,42 @@ def test_jwks_rotation(sim: SimulatorThread, module_tmp: Path, http: httpx.Clien
     finally:
         gw.stop()
         stop_idp()
+
+
+def test_an_unreachable_key_server_does_not_stop_the_gateway(
+    sim: SimulatorThread, module_tmp: Path, http: httpx.Client
+) -> None:
+    """The gateway starts without its JWKS, says so in /readyz and the log, answers tokens it
+    cannot check with a 503 and retry-after (they may be valid), and recovers by itself."""
+    port = free_port()
+    idp = JwksServer(url=f"http://127.0.0.1:{port}/.well-known/jwks.json")
+    auth = {"algorithms": ["RS256"], "jwks_url": idp.url, "jwks_cache_s": 60.0, "jwks_min_refetch_s": 0.2}
+    gw = GatewayProcess(_config(sim, auth), module_tmp)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    stop_idp = None
+    try:
+        gw.start()
+        ready = http.get(f"{gw.url}/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
+        assert any("JWKS" in d for d in ready.json()["degraded"])
+        assert "JWKS fetch from" in gw.log() and "ClientConnectorError" in gw.log()  # a reason, not ""
+        sub = f"jwks-down-{uuid.uuid4().hex}"
+        r = send(http, gw, "chat", B(_rs(key, sub, "k1")))
+        err = assert_openai_error(r, 503, "service_unavailable", "server_error")
+        assert int(r.headers["retry-after"]) >= 1 and sim.requests() == []
+        assert "unreachable" in err["message"]
+
+        idp.publish(public_jwk(key, "k1"))
+        stop_idp = serve_jwks(idp, port)
+        deadline = time.monotonic() + 10
+        while (r := send(http, gw, "chat", B(_rs(key, sub, "k1")))).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+        assert http.get(f"{gw.url}/readyz").json()["status"] == "ready"
+    finally:
+        gw.stop()
+        if stop_idp is not None:
+            stop_idp()
 
 
 # -- model allow-list ----------------------------------------------------------------------------

@@ -186,7 +186,7 @@ async def test_exact_request_limit_under_200_concurrent_requests_across_two_proc
         for _, r, received in results:
             if r.status_code != 429:
                 continue
-            err = assert_openai_error(r, 429, "rate_limit_error", "rate_limit_exceeded")
+            err = assert_openai_error(r, 429, "requests", "rate_limit_exceeded")
             assert "37" in err["message"] and sub not in r.text
             h = assert_rl_headers(r, 37, 10**9)
             assert h["x-ratelimit-remaining-requests"] == 0
@@ -280,7 +280,7 @@ def test_token_reservation_refund_and_retry_after(
     sim.reset()
     sent_at = time.monotonic()
     r3 = chat(http, a, headers, max_tokens=fits_later)
-    err = assert_openai_error(r3, 429, "rate_limit_error", "rate_limit_exceeded")
+    err = assert_openai_error(r3, 429, "tokens", "rate_limit_exceeded")
     assert "tokens per minute" in err["message"].lower()
     h = assert_rl_headers(r3, 1000, 600)
     ra = retry_after(r3)
@@ -302,7 +302,7 @@ def test_token_reservation_refund_and_retry_after(
 
     # 4. larger than the whole capacity: never fits, so 429 that says not to retry
     r4 = chat(http, b, headers, max_tokens=1000)
-    err = assert_openai_error(r4, 429, "rate_limit_error", "rate_limit_exceeded")
+    err = assert_openai_error(r4, 429, "tokens", "rate_limit_exceeded")
     assert "max_tokens" in err["message"] and r4.headers.get("x-should-retry") == "false"
 
 

@@ -49,7 +49,8 @@ def test_litellm_failure_falls_over(gw: GatewayProcess, sim: SimulatorThread) ->
     try:
         with pytest.raises(openai.InternalServerError) as info:  # both backends are this simulator
             gw.client().chat.completions.create(model="assistant", messages=[{"role": "user", "content": "x"}])
-        assert info.value.status_code == 502
+        assert info.value.status_code == 503  # the backends answered 503: honest, with retry-after
+        assert int(info.value.response.headers["retry-after"]) >= 1
         assert len(sim.requests()) == 2  # tried hosted (litellm) once, then the vLLM fallback
     finally:
         sim.reset()

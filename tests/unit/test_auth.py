@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.auth import INVALID, MISSING, Authenticator, ensure_secret, mint_token, parse_ttl
-from proxy.errors import PermissionDenied, Unauthorized
+from proxy.errors import PermissionDenied, ServiceUnavailable, Unauthorized
 from proxy.settings import AuthSettings
 from tests.jwt_helpers import DROP, b64, public_jwk, with_claims
 
@@ -376,10 +376,26 @@ async def test_jwks_key_with_other_alg_or_kid_for_wrong_key_refused(rsa_key: rsa
         await auth.close()
 
 
-async def test_jwks_without_usable_keys_is_a_start_up_error() -> None:
-    session = FakeSession([{"kty": "oct", "k": b64(SECRET.encode()), "kid": "sym"}])
-    with pytest.raises(RuntimeError, match="JWKS"):
-        await jwks_auth(session, Clock())
+async def test_jwks_without_usable_keys_starts_degraded_and_recovers(rsa_key: rsa.RSAPrivateKey) -> None:
+    """A key server that serves nothing usable (or cannot be reached) does not stop the gateway:
+    tokens that need its keys get a 503 with retry-after (not a 401: they may well be valid), and
+    the first request after the key server is back loads the keys."""
+    session, clock = FakeSession([{"kty": "oct", "k": b64(SECRET.encode()), "kid": "sym"}]), Clock()
+    auth = await jwks_auth(session, clock)
+    try:
+        assert auth.keys_missing
+        with pytest.raises(ServiceUnavailable) as info:
+            await auth.authenticate(bearer(rs_token(rsa_key, "k1", clock)))
+        assert info.value.status == 503 and int(info.value.headers["retry-after"]) >= 1
+        assert "unreachable" in info.value.message and session.calls == 1  # no refetch within 10 s
+        session.keys = [public_jwk(rsa_key, "k1")]
+        clock.now += 11
+        assert (await auth.authenticate(bearer(rs_token(rsa_key, "k1", clock)))).sub == "alice"
+        assert not auth.keys_missing and session.calls == 2
+        with pytest.raises(Unauthorized):  # with keys loaded, an unknown kid is an invalid key again
+            await auth.authenticate(bearer(rs_token(rsa_key, "k9", clock)))
+    finally:
+        await auth.close()
 
 
 # --- model allow-list ---------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ STREAM = (
 def _collect(parts):
     async def run():
         resp = Resp(parts)
-        stream = SSEChunkStream(resp, first_deadline=1e18, idle_timeout=5)
+        stream = SSEChunkStream(resp, first_deadline=1e18, idle_timeout=5, deadline=1e18)
         out = [c async for c in stream]
         await stream.aclose()
         return out, resp
@@ -64,7 +64,7 @@ def test_crlf_line_endings():
 def test_eof_before_done_is_an_error_and_closes():
     async def run():
         resp = Resp([STREAM[: STREAM.index(b"data: [DONE]")]])
-        stream = SSEChunkStream(resp, first_deadline=1e18, idle_timeout=5)
+        stream = SSEChunkStream(resp, first_deadline=1e18, idle_timeout=5, deadline=1e18)
         got = []
         with pytest.raises(BackendError) as info:
             async for c in stream:
@@ -78,7 +78,7 @@ def test_eof_before_done_is_an_error_and_closes():
 
 def test_eof_before_any_chunk_is_retryable():
     async def run():
-        stream = SSEChunkStream(Resp([]), first_deadline=1e18, idle_timeout=5)
+        stream = SSEChunkStream(Resp([]), first_deadline=1e18, idle_timeout=5, deadline=1e18)
         with pytest.raises(BackendError) as info:
             async for _ in stream:
                 pass
@@ -90,7 +90,7 @@ def test_eof_before_any_chunk_is_retryable():
 def test_error_event_mid_stream():
     data = b'data: {"i":0}\n\ndata: {"error":{"message":"boom"}}\n\n'
     async def run():
-        stream = SSEChunkStream(Resp([data]), first_deadline=1e18, idle_timeout=5)
+        stream = SSEChunkStream(Resp([data]), first_deadline=1e18, idle_timeout=5, deadline=1e18)
         with pytest.raises(BackendError) as info:
             async for _ in stream:
                 pass
@@ -103,7 +103,7 @@ def test_first_chunk_then_the_rest_from_one_stream():
     """The pipeline takes the first chunk (fallback decision), then relays the rest."""
 
     async def run():
-        stream = SSEChunkStream(Resp([STREAM]), first_deadline=1e18, idle_timeout=5)
+        stream = SSEChunkStream(Resp([STREAM]), first_deadline=1e18, idle_timeout=5, deadline=1e18)
         first = await anext(aiter(stream))
         rest = [c async for c in stream]
         await stream.aclose()

@@ -88,6 +88,10 @@ EVASIONS = [
     ("inside cjk text", "你这个fuck人"),
     ("phrase with other separators", "double-your  bitcoin"),
     ("phrase without separators", "DoubleYourBitcoin"),
+    ("hanzi spelled out with punctuation", "刷.单-返/利"),
+    ("hanzi spelled out on lines", "刷\n单\n返\n利"),
+    ("hanzi spelled out with clause breaks", "网。络，赌、博"),
+    ("hanzi spelled out with mixed breaks", "刷\r\n单!返?利"),
 ]
 
 
@@ -114,6 +118,8 @@ BENIGN = [
     ("gap joins word parts 2", "a bit chunky"),
     ("clause break between hanzi", "衣服我来洗。钱你来付。"),
     ("line break between hanzi", "洗\n钱"),
+    ("one clause break inside a longer entry", "先刷单。返利另算"),
+    ("breaks but not between every character", "网络。赌博"),
     ("allowed compound", "他用清水洗钱包"),
     ("gap too wide", "f   u   c   k"),
     ("no leetspeak", "5h1t"),
