@@ -32,7 +32,7 @@ UPSTREAM_KEY = f"sk-upstream-{RUN}-do-not-log"
 LOG_FIELDS = set(
     "event level timestamp request_id worker sub tenant model variant backend tried fallbacks cache "
     "policy stream status error latency_ms ttft_ms prompt_tokens completion_tokens disconnected "
-    "completion_id".split()
+    "completion_id route".split()
 )
 
 

@@ -1,8 +1,9 @@
 """Circuit breaker with an injected clock, and the attempt order over a pool plus fallbacks."""
 
+import asyncio
 from dataclasses import dataclass
 
-from backends.pool import Breaker, Member, attempt_order
+from backends.pool import Breaker, Gauges, Member, attempt_order, probe_forever
 
 
 class Clock:
@@ -69,3 +70,44 @@ def test_queue_depth_and_concurrency_bounds():
     m["b"].max_concurrency = 3
     assert [x.name for x in attempt_order(m, ["a", "b"], ["cpu"])] == ["cpu"]
     assert m["a"].skip_reason() == "queue_too_deep" and m["b"].skip_reason() == "saturated"
+
+
+class GaugedBackend:
+    """A backend whose probe reports vLLM's gauges, then fails."""
+
+    name = "g"
+
+    def __init__(self):
+        self.readings = [Gauges(12.0, 30.0, 0.5), None]
+
+    async def health(self):
+        return True
+
+    async def gauges(self):
+        return self.readings.pop(0) if self.readings else None
+
+    async def load(self):  # the plain probe: never used when gauges() exists
+        raise AssertionError("load() called")
+
+
+async def _probed(member, until):
+    task = asyncio.create_task(probe_forever(member))
+    for _ in range(100):  # yields to the loop, no wall-clock wait
+        await asyncio.sleep(0)
+        if until(member):
+            break
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_probe_records_queue_running_and_kv_usage_then_forgets_them():
+    member = Member(GaugedBackend(), Breaker(1, 60, Clock()), probe_interval_s=0)
+    seen = []
+
+    def until(m):
+        seen.append((m.waiting, m.running, m.kv_usage))
+        return len(seen) > 4 and m.waiting is None
+
+    await _probed(member, until)
+    assert (12.0, 30.0, 0.5) in seen
+    assert (member.waiting, member.running, member.kv_usage) == (None, None, None)  # an unreadable /metrics
