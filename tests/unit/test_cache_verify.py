@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from proxy.cache_ask import asks
 from proxy.cache_verify import disagreement, features
+
+SUPPORT = Path(__file__).resolve().parent.parent / "data" / "cache_pairs_support.jsonl"
 
 SAME = [
     ("How do I reset my password?", "What's the way to reset my password?"),
@@ -30,6 +36,21 @@ SAME = [
     ("感冒了，应该吃什么？", "感冒了，吃什么比较好？"),
     ("Python里怎么把字符串转成整数？", "在Python中如何将字符串转换为整数？"),  # two short rewrites
     ("世界上最高的山是哪座？", "全球海拔最高的山峰是什么？"),
+    # what is asked: compatible classes, or a class named on one side only
+    ("How can I be more productive when working from home?", "Tips for staying productive while working from home?"),
+    ("How long should I rest between sets at the gym?", "How much rest do I need between sets at the gym?"),
+    ("剩米饭在冰箱里能放几天？", "煮熟的米饭冷藏能保存多久？"),  # both a duration
+    ("What is a prime number?", "Can you define a prime number?"),
+    ("什么是机器学习？", "机器学习是什么意思？"),  # what X is = what X means
+    ("Is it possible to recover deleted files?", "Can deleted files be recovered?"),  # both yes/no
+    ("How do I change my Wi-Fi password?", "How can I update the password of my Wi-Fi network?"),  # one action
+    # customer service paraphrases (tests/data/cache_pairs_support.jsonl)
+    ("Where can I find my order number?", "Where do I see my order number?"),  # "where can I" asks how
+    ("订单号在哪里查看？", "在哪能看到我的订单号？"),
+    ("怎么查询物流信息？", "物流信息在哪里查？"),
+    ("基础版套餐每月多少钱？", "基础版套餐一个月的价格是多少？"),
+    ("退款会退回原支付方式吗？", "退款是原路退回吗？"),
+    ("How do I cancel my subscription?", "What's the way to cancel my subscription?"),
 ]
 
 DIFFERENT = [
@@ -78,6 +99,26 @@ DIFFERENT = [
     ("急救常识有哪些常见误区？请列出207个。", "用207句话总结一下急救常识的优缺点。", "unit"),
     ("明天北京天气怎么样？", "明天上海会下雨吗？", "disjoint"),
     ("TCP与UDP的不同之处是什么？", "What is the difference between TCP and UDP?", "language"),
+    # what is asked: the thing to produce, the kind of answer, the action
+    ("写一个大约40字的小故事，内容和开源许可证有关。", "请用大约40个字向小店老板解释开源许可证。", "ask"),
+    ("如果要在368分钟内给大学生讲清楚旅行攻略，你会怎么讲？", "帮我安排一个368分钟的会议议程，主题是旅行攻略。", "ask"),
+    ("How would you teach REST API design to a retired teacher in 230 minutes?", "Plan a 230-minute meeting agenda about REST API design.", "ask"),
+    ("List 68 questions a software engineer should ask before getting into beekeeping.", "Write 68 quiz questions on beekeeping with answers, for a software engineer.", "ask"),
+    ("Write a poem about the sea.", "Write a short story about the sea.", "ask"),
+    ("How long does standard shipping take?", "How much does standard shipping cost?", "ask"),
+    ("How long should I boil pasta?", "How much salt should I add to pasta water?", "ask"),
+    ("通俗地说通货膨胀是什么？", "通货膨胀是什么原因造成的？", "ask"),  # what it is / what causes it
+    ("退款多久能到账？", "怎么申请退款？", "ask"),  # a duration / how to
+    ("退款会退到账户余额吗？", "怎么申请退款？", "ask"),  # yes or no / how to
+    ("Can I cancel my order after it has shipped?", "How do I cancel my order?", "ask"),
+    ("怎么查询退款进度？", "怎么申请退款？", "ask"),  # both "how to", but check / apply
+    ("How do I track my refund?", "How do I request a refund?", "ask"),
+    # a topic rebuilt around one kept word: one stretch without that word
+    ("Plan a 31-minute meeting agenda about supply chain basics.", "Plan a 31-minute meeting agenda about the basics of machine learning.", "substitution"),
+    ("What's the difference between the basic and pro plans?", "What's the difference between the pro and enterprise plans?", "substitution"),
+    # a two-character audience next to an unrelated topic
+    ("如果要在368分钟内给大学生讲清楚旅行攻略，你会怎么讲？", "如果要在368分钟内给护士讲清楚新能源汽车，你会怎么讲？", "substitution"),
+    ("给小店老板列出关于急救常识的196条实用建议。", "给护士列出关于开源许可证的196条实用建议。", "substitution"),
 ]
 
 
@@ -132,3 +173,41 @@ def test_product_like_tokens() -> None:
     assert features("Is the GPT-4 API faster than Claude?").hard == ("gpt-4", "api", "claude")
     assert features("Python怎么读文件").hard == ("python",)
     assert features("How do I cook rice?").hard == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "classes"),
+    [
+        ("How long does shipping take?", {"duration"}),
+        ("How much does shipping cost?", {"amount", "price"}),
+        ("Can I return it after 30 days?", {"yes-no"}),
+        ("Can you explain recursion?", {"explain"}),  # a request, not a yes/no question
+        ("Where can I find my order number?", {"howto"}),
+        ("Where is the Eiffel Tower?", {"where"}),
+        ("Give advice to a retired teacher.", {"howto"}),  # "teacher" does not ask to teach
+        ("Summarize the story of Hamlet.", {"summary"}),  # a story is asked for only next to a verb
+        ("Write a story about Hamlet.", {"story"}),
+        ("How do I change my password?", {"howto", "do:modify"}),
+        ("When did the war end?", {"when"}),
+        ("退款会退到账户余额吗？", {"yes-no"}),
+        ("能通俗地讲讲相对论吗？", set()),  # 能...吗 is a request
+        ("怎么查询退款进度？", {"howto", "do:check"}),
+        ("物流信息在哪里查？", {"howto", "do:check"}),  # where to look it up: how
+        ("澳大利亚的首都是哪里？", {"where"}),
+        ("二战在哪一年结束？", {"when"}),
+        ("通货膨胀是什么？", {"explain"}),
+        ("圆面积的计算公式是什么？", set()),  # one thing of X, not what X is
+    ],
+)
+def test_what_is_asked(text: str, classes: set[str]) -> None:
+    assert asks(text) == classes
+
+
+def test_support_look_alikes_are_refused_by_verification_alone() -> None:
+    """Customer-service look-alikes (plan, version, refund / exchange, order / tracking number) are
+    refused whatever the threshold: the labelled set's precision does not rest on the embedder."""
+    pairs = [json.loads(line) for line in SUPPORT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    must_miss = [p for p in pairs if not p["same"]]
+    assert len(must_miss) >= 40
+    served = [p for p in must_miss if disagreement(p["b"], p["a"]) is None or disagreement(p["a"], p["b"]) is None]
+    assert served == []
