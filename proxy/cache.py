@@ -2,16 +2,20 @@
 
 Exact layer: a digest of everything in the request that can change the answer (tenant scope, model,
 variant, all messages, every sampling parameter, response_format, tools, n, ...). Semantic layer,
-tried only after an exact miss: the last user turn is embedded ("query: " prefix) and the nearest
+tried only after an exact miss: the user's own content of the last turn is embedded ("query: "
+prefix; template text shared by most recent turns is left out, proxy.cache_semantic) and the nearest
 stored turns are searched among entries whose partition digest matches exactly (tenant scope, model,
 variant, digest of all earlier messages including the system prompt, answer-affecting parameters,
-embedder). A candidate is served only if its similarity reaches `cache.semantic.threshold` *and* it
+embedder, the template text). A lookup waits for its vector only within the embedder's budget, else
+it skips the layer (a miss, counted); a turn longer than the embedder's window is matched exactly only.
+A candidate is served only if its similarity reaches `cache.semantic.threshold` *and* it
 agrees with the query on numbers, dates, negation, product-like tokens and word substitutions
 (proxy.cache_verify). Two chats that both end in "继续" differ in their context digest, never collide.
 
 Request header `x-gateway-cache`: `no-cache` (do not read, still store the fresh answer), `no-store`
 (neither read nor store), `bypass` (same as no-store). Redis errors or slowness (bounded by
-`cache.redis_timeout_s`), and embedder errors, make the cache step a bypass; they never reach the client.
+`cache.redis_timeout_s`) make the cache step a bypass; embedder errors skip the semantic layer only.
+Neither reaches the client.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -38,9 +43,10 @@ from proxy.cache_replay import (
     replay_completion,
     usage_of,
 )
+from proxy.cache_semantic import TemplateGuard, Vectors, VectorStats
 from proxy.cache_store import MemoryStore, RedisStore, SemanticEntry, Store
 from proxy.cache_verify import disagreement
-from proxy.embedding import Embedder, EmbeddingError
+from proxy.embedding import Embedder
 from proxy.limit_store import Peek
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings, ModelSettings
@@ -97,11 +103,18 @@ class CacheStats:
     semantic_hits: int = 0
     misses: int = 0
     bypass_errors: int = 0  # Redis / index unreachable or slow: the cache was skipped
-    embed_errors: int = 0  # embedder failed or slow: the semantic layer was skipped for one request
     rejected_candidates: int = 0  # semantic candidates refused by verification
     stores: int = 0
     store_skipped: int = 0  # incomplete or failed answers
     store_errors: int = 0
+    # the semantic layer skipped, by (lookup | store, budget | late | full | window | error)
+    skips: Counter[tuple[str, str]] = field(default_factory=Counter)
+    vectors: VectorStats = field(default_factory=VectorStats)
+
+    @property
+    def embed_errors(self) -> int:
+        """The embedder failed: the semantic layer was skipped for one lookup or store."""
+        return self.vectors.errors
 
 
 def _uncacheable(req: ChatRequest, model: ModelSettings, settings: CacheSettings) -> str | None:
@@ -188,7 +201,7 @@ def user_turn(req: ChatRequest) -> str | None:
 
 def semantic_part(scope: CacheScope, body: dict[str, Any], embedder_name: str) -> str:
     """Exact filter for the vector search: same scope, context, parameters and vector space.
-    `body` as for exact_key."""
+    `body` as for exact_key. Template text around the user's own content is added by the cache."""
     return _digest(
         {
             "v": 2,
@@ -213,21 +226,26 @@ class ResponseCache:
         embedder: Embedder | None,
         *,
         prefix: str = "llmgw:cache",
-        embed_timeout_s: float = 1.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings, self.stats = settings, CacheStats()
-        self._semantic = settings.semantic.enabled
-        self._embedder, self._embed_timeout_s = embedder, embed_timeout_s
+        self._semantic = settings.semantic_on
+        self._embedder = embedder
+        self._vectors = (
+            Vectors(embedder, settings.semantic.vector_cache, self.stats.skips, self.stats.vectors)
+            if embedder
+            else None
+        )
+        self._templates = TemplateGuard()
         self._timeout_s = settings.redis_timeout_s
         self._store: Store = (
             RedisStore(redis_url, prefix=prefix, timeout_s=settings.redis_timeout_s)
             if redis_url
             else MemoryStore(max_entries=max_entries, clock=clock)
         )
-        # a lookup's embedding and semantic partition, reused by store() for the same key
-        self._pending_vectors: dict[str, tuple[np.ndarray, str]] = {}
+        # a lookup's own text, semantic partition and vector (if it got one), reused by store()
+        self._pending: dict[str, tuple[str, str, np.ndarray | None]] = {}
         self._clock, self._failures, self._resume_at = clock, 0, 0.0
 
     async def start(self) -> None:
@@ -274,16 +292,16 @@ class ResponseCache:
         if raw is not None:
             self.stats.hits += 1
             return CacheResult(decode(raw, "hit"), "hit")
-        text = user_turn(req) if self._semantic and self._embedder else None
-        if text is None or self._embedder is None:
+        own = self._own(scope, req, observe=True)
+        if own is None or self._vectors is None:
             self.stats.misses += 1
             return CacheResult(None, "miss")
-        vector = await self._embed(text)
-        if vector is None:
+        text, part = own
+        vector = await self._vectors.lookup(text)
+        self._remember(key, text, part, vector)
+        if vector is None:  # skipped: over budget, too long, or the embedder failed (counted)
             self.stats.misses += 1
             return CacheResult(None, "miss")
-        part = semantic_part(scope, req.upstream_body(), self._embedder.name)
-        self._remember(key, vector, part)
         async with asyncio.timeout(self._timeout_s):
             candidates = await self._store.nearest(part, vector, CANDIDATES)
         for cand in candidates:
@@ -323,37 +341,46 @@ class ResponseCache:
         log.warning("cache %s bypassed: %r", what, exc)
 
     async def _put(self, scope: CacheScope, req: ChatRequest, answer: CachedAnswer, key: str) -> None:
-        vector, part = self._pending_vectors.pop(key, (None, None))
+        pending = self._pending.pop(key, None)
         if not is_complete(answer) or usage_of(answer) is None:
             self.stats.store_skipped += 1
             return
         payload = encode(answer)
         semantic = None
-        text = user_turn(req) if self._semantic and self._embedder else None
-        if text is not None and self._embedder is not None:
-            vector = vector if vector is not None else await self._embed(text)
-            if vector is not None:  # without one, the answer is still stored for the exact layer
-                part = part or semantic_part(scope, req.upstream_body(), self._embedder.name)
+        own = pending[:2] if pending is not None else self._own(scope, req, observe=False)
+        if own is not None and self._vectors is not None:
+            text, part = own
+            vector = pending[2] if pending is not None else self._vectors.recent(text)
+            if vector is None:
+                # the exact entry goes in now (the same request again must not wait for an
+                # embedding); the vector follows from the embedder's bounded store lane, if at all
+                await self._write(key, payload, None)
+                vector = await self._vectors.store(text)
+            if vector is not None:  # without one, the answer is stored for the exact layer only
                 semantic = SemanticEntry(part, vector, text)
-        async with asyncio.timeout(self._timeout_s):
-            await self._store.put(key, payload, self.settings.ttl_s, semantic)
+        if semantic is not None or own is None or self._vectors is None:
+            await self._write(key, payload, semantic)
         self.stats.stores += 1
         self._failures = 0
 
-    async def _embed(self, text: str) -> np.ndarray | None:
-        """The query vector, or None when the embedder fails or is slow (semantic layer skipped)."""
-        assert self._embedder is not None
-        try:
-            async with asyncio.timeout(self._embed_timeout_s):
-                vectors = await self._embedder.embed_queries([text])
-        except (EmbeddingError, TimeoutError) as exc:
-            self.stats.embed_errors += 1
-            log.warning("cache: embedding skipped: %r", exc)
-            return None
-        vector: np.ndarray = vectors[0]
-        return vector
+    async def _write(self, key: str, payload: bytes, semantic: SemanticEntry | None) -> None:
+        async with asyncio.timeout(self._timeout_s):
+            await self._store.put(key, payload, self.settings.ttl_s, semantic)
 
-    def _remember(self, key: str, vector: np.ndarray, part: str) -> None:
-        self._pending_vectors[key] = (vector, part)
-        while len(self._pending_vectors) > 1024:  # bounded: misses that never store are forgotten
-            del self._pending_vectors[next(iter(self._pending_vectors))]
+    def _own(self, scope: CacheScope, req: ChatRequest, *, observe: bool) -> tuple[str, str] | None:
+        """(the user's own text, its partition) when the semantic layer may take this request."""
+        text = user_turn(req) if self._semantic and self._embedder else None
+        if text is None or self._embedder is None:
+            return None
+        part = semantic_part(scope, req.upstream_body(), self._embedder.name)
+        own = self._templates.split(part, text, observe=observe)
+        return own.text, _digest([part, own.template]) if own.template else part
+
+    def _remember(self, key: str, text: str, part: str, vector: np.ndarray | None) -> None:
+        self._pending[key] = (text, part, vector)
+        while len(self._pending) > 1024:  # bounded: misses that never store are forgotten
+            del self._pending[next(iter(self._pending))]
+
+    def embedder_depth(self) -> int | None:
+        """Texts waiting for the embedder (None without one), for the queue-depth gauge."""
+        return self._embedder.queue.depth if self._embedder is not None else None

