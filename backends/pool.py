@@ -172,6 +172,7 @@ SPILL_REASONS = (
     "kv_cache",
     "outstanding",
     "bounded_load",
+    "first_request",
     "unhealthy",
     "breaker_open",
     "saturated",
@@ -195,16 +196,19 @@ def route(
     key: int = 0,
     priority: int = 0,
     rng: random.Random = _RNG,
+    home: str | None = None,
 ) -> Route:
     """The attempt order for one request. `key` is its affinity key (backends/affinity.py) and
-    `priority` its tier's (lower first). A shed request is offered only the fallbacks."""
+    `priority` its tier's (lower first); `home`: where this gateway placed the key's first request
+    lately (Placements), where its prefix is cached; None: no replica is known to hold it. A shed
+    request is offered only the fallbacks."""
     replicas = [members[n] for n in pool]
     if priority >= cfg.shed_priority:
         saturated = _pool_saturation(replicas, cfg)
         if saturated is not None:
             return Route(_fallbacks(members, fallback, ()), "shed", saturated)
     if cfg.policy == "affinity":
-        plan = _affinity(replicas, cfg, key)
+        plan = _affinity(replicas, cfg, key, home)
     elif cfg.policy == "random":
         usable = [m for m in replicas if m.usable()]
         plan = Route(rng.sample(usable, len(usable)), "random")
@@ -217,24 +221,30 @@ def route(
     return plan
 
 
-def _affinity(replicas: list[Member], cfg: RoutingConfig, key: int) -> Route:
-    """Rendezvous order for the key; with the load guard, the first replica in that order that is
-    neither saturated nor over the bounded load, except that a saturated preferred replica hands
-    over to the replica with the most room (its queue is the problem, not the key's balance)."""
+def _affinity(replicas: list[Member], cfg: RoutingConfig, key: int, home: str | None) -> Route:
+    """Rendezvous order for the key, its home (if known and in the pool) first; with the load
+    guard, the first replica in that order that is neither saturated nor over the bounded load,
+    except that a saturated preferred replica hands over to the replica with the most room (its
+    queue is the problem, not the key's balance)."""
     ranked = sorted(replicas, key=lambda m: weight(key, m.seed), reverse=True)
+    placed = next((m for m in ranked if m.name == home), None) if home is not None else None
+    if placed is not None and placed is not ranked[0]:
+        ranked.remove(placed)
+        ranked.insert(0, placed)
+    fresh = home is None
     usable = [m for m in ranked if m.usable()]
     if not usable:
         return Route(usable, "affinity")
-    chain = _guarded(usable, cfg) if cfg.load_guard else usable
+    chain = _guarded(usable, cfg, fresh) if cfg.load_guard else usable
     top = ranked[0]
     if chain[0] is top:
         return Route(chain, "affinity")
-    reason = _left_because(top, cfg)
+    reason = _left_because(top, cfg, fresh)
     top.spills[reason] = top.spills.get(reason, 0) + 1
     return Route(chain, "spill", reason)
 
 
-def _guarded(usable: list[Member], cfg: RoutingConfig) -> list[Member]:
+def _guarded(usable: list[Member], cfg: RoutingConfig, fresh: bool) -> list[Member]:
     """`usable` is in rendezvous order; returns the order to try (unsaturated first). One pass and
     two lists: this runs for every request."""
     room: list[Member] = []
@@ -249,6 +259,9 @@ def _guarded(usable: list[Member], cfg: RoutingConfig) -> list[Member]:
     chosen = room[0]
     if chosen is not usable[0]:  # the key's replica is saturated: the one with the most room
         chosen = min(room, key=_load)
+    elif fresh:  # nothing of it is cached anywhere yet: its replica only if none has less load
+        least = min(room, key=_load)
+        chosen = least if _load(least) < _load(chosen) else chosen
     else:
         cap = load_cap(in_flight, len(usable), cfg.load_factor, cfg.load_floor)
         if chosen.outstanding + 1 > cap:  # a hot key: on to its next replica that is under the bound
@@ -260,10 +273,10 @@ def _guarded(usable: list[Member], cfg: RoutingConfig) -> list[Member]:
     return room
 
 
-def _left_because(top: Member, cfg: RoutingConfig) -> str:
+def _left_because(top: Member, cfg: RoutingConfig, fresh: bool) -> str:
     if not top.usable():
         return top.skip_reason()
-    return top.saturation(cfg) or "bounded_load"
+    return top.saturation(cfg) or ("first_request" if fresh else "bounded_load")
 
 
 def _load(member: Member) -> float:
@@ -335,3 +348,27 @@ async def probe_forever(member: Member) -> None:
         member.healthy, member.last_probe = healthy, time.monotonic()
         member.waiting, member.running, member.kv_usage = gauges or (None, None, None)
         await asyncio.sleep(member.probe_interval_s)
+
+
+class Placements:
+    """Where this gateway sent the first request of each affinity key lately (bounded, the least
+    recently used forgotten first). A key without a placement has no prefix known to be cached
+    on any replica: its first request may go to a less loaded replica than the key's own without
+    losing a cache hit, and the requests after it follow it there. Prompts that share nothing
+    then cost nothing over least-loaded routing."""
+
+    def __init__(self, size: int = 65_536) -> None:
+        self._size = size
+        self._homes: dict[int, str] = {}
+
+    def home(self, key: int) -> str | None:
+        homes = self._homes
+        name = homes.pop(key, None)
+        if name is not None:
+            homes[key] = name  # most recent last
+        return name
+
+    def place(self, key: int, name: str) -> None:
+        self._homes[key] = name
+        if len(self._homes) > self._size:
+            del self._homes[next(iter(self._homes))]

@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from backends.affinity import request_key
 from backends.base import BackendError, ChunkStream, ErrorKind
-from backends.pool import Member, route, shed_retry_after
+from backends.pool import Member, Placements, route, shed_retry_after
 from backends.vllm import VllmBackend
 from policies.stream import ChunkFilter
 from proxy import errors
@@ -115,6 +115,7 @@ class Gateway:
         self.settings = settings
         self.router = Router(settings)
         self.members = members
+        self.placements = Placements()  # where each affinity key's first request went lately
         self.auth, self.limiter, self.guard, self.cache, self.observer = auth, limiter, guard, cache, observer
 
     async def readiness(self) -> tuple[list[str], list[str]]:
@@ -383,12 +384,16 @@ class Gateway:
         is the request's session or conversation head, hashed once here."""
         cfg = self.router.experiments[prep.req.model].settings.routing or self.settings.routing
         priority = self.settings.limits.tier(call.principal.tier).priority if call.principal else 0
-        key = 0
+        key, home = 0, None
+        variant = prep.variant
         if cfg.policy == "affinity":
             session = prep.session or (prep.req.user if cfg.session_from_user else None)
             key = request_key(prep.salt or "", prep.body["messages"], session, cfg.prefix_tokens)
-        variant = prep.variant
-        plan = route(self.members, variant.backends, variant.fallback, cfg, key, priority)
+            home = self.placements.home(key)
+        plan = route(self.members, variant.backends, variant.fallback, cfg, key, priority, home=home)
+        first = plan.chain[0].name if plan.chain else None
+        if cfg.policy == "affinity" and home is None and first in variant.backends:
+            self.placements.place(key, first)
         call.route = plan.how
         chain = plan.chain
         for name in (*variant.backends, *variant.fallback):

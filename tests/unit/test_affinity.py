@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from backends.affinity import conversation_key, load_cap, replica_seed, request_key, session_key, weight
-from backends.pool import Breaker, Member, route
+from backends.pool import Breaker, Member, Placements, route
 from backends.vllm import parse_gauges
 from proxy.settings import RoutingSettings, parse_settings
 
@@ -160,7 +160,7 @@ def test_below_the_thresholds_the_key_stays():
     m = _pool(*NAMES)
     top = _ranked(KEYS[2])[0]
     m[top].waiting, m[top].kv_usage, m[top].outstanding = 8, 0.94, 7
-    assert route(m, NAMES, [], CFG, KEYS[2]).chain[0].name == top
+    assert route(m, NAMES, [], CFG, KEYS[2], home=top).chain[0].name == top
 
 
 def test_bounded_load_walks_to_the_keys_next_replica_not_the_least_loaded():
@@ -168,16 +168,42 @@ def test_bounded_load_walks_to_the_keys_next_replica_not_the_least_loaded():
     top, second, third, fourth = _ranked(KEYS[3])
     m[top].outstanding, m[second].outstanding, m[third].outstanding = 40, 10, 0
     # 50 in flight + this one over 4 replicas: the cap is 1.5 x 12.75 = 19.1
-    plan = route(m, NAMES, [], CFG, KEYS[3])
+    plan = route(m, NAMES, [], CFG, KEYS[3], home=top)
     assert (plan.chain[0].name, plan.reason) == (second, "bounded_load")
     assert [x.name for x in plan.chain] == [second, top, third, fourth]  # then the key's own order
+
+
+def test_a_new_key_goes_to_its_replica_only_if_none_has_less_load_then_stays_where_it_went():
+    """A key with no home has no cached prefix anywhere: its first request is balanced (prompts
+    that share nothing cost nothing over least-loaded); the next ones follow it to its home."""
+    m = _pool(*NAMES)
+    top, *others = _ranked(KEYS[3])
+    assert route(m, NAMES, [], CFG, KEYS[3]).chain[0].name == top  # a tie: its own replica
+    m[top].outstanding = 2
+    m[others[1]].outstanding = 1
+    first = route(m, NAMES, [], CFG, KEYS[3])
+    assert first.chain[0].name == others[0] and (first.how, first.reason) == ("spill", "first_request")
+    later = route(m, NAMES, [], CFG, KEYS[3], home=others[0])
+    assert later.chain[0].name == others[0] and later.how == "affinity"
+    assert route(m, NAMES, [], CFG, KEYS[3], home=top).chain[0].name == top  # under the floor: sticky
+    m[others[0]].waiting = 300  # a saturated home is left while it is saturated, like any replica
+    assert route(m, NAMES, [], CFG, KEYS[3], home=others[0]).chain[0].name != others[0]
+
+
+def test_placements_are_bounded_and_forget_the_least_recently_used():
+    homes = Placements(size=3)
+    for key, name in ((1, "a"), (2, "b"), (3, "c")):
+        homes.place(key, name)
+    assert homes.home(1) == "a"  # now the most recent
+    homes.place(4, "d")  # over the bound: 2, the least recently used, is forgotten
+    assert [homes.home(k) for k in (1, 2, 3, 4)] == ["a", None, "c", "d"]
 
 
 def test_the_load_floor_keeps_a_lightly_loaded_pool_sticky():
     m = _pool(*NAMES)
     top = _ranked(KEYS[4])[0]
     m[top].outstanding = 7  # far above the mean (7/4), below the floor of 8
-    assert route(m, NAMES, [], CFG, KEYS[4]).how == "affinity"
+    assert route(m, NAMES, [], CFG, KEYS[4], home=top).how == "affinity"
     assert load_cap(7, 4, 1.5, 8) == 8.0 and load_cap(100, 4, 1.5, 8) == pytest.approx(37.875)
 
 
@@ -228,7 +254,8 @@ def test_a_higher_tier_keeps_its_keys_replica_in_a_saturated_pool():
     m = _saturated_pool()
     for key in KEYS[:20]:
         ranked = [n for n in _ranked(key) if n in ("a", "b")]
-        assert [x.name for x in route(m, ["a", "b"], [], CFG, key, priority=0).chain] == ranked
+        plan = route(m, ["a", "b"], [], CFG, key, priority=0, home=ranked[0])
+        assert [x.name for x in plan.chain] == ranked
 
 
 def test_in_a_saturated_pool_a_hot_key_still_walks_on_past_the_bound():
