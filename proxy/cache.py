@@ -43,7 +43,7 @@ from proxy.cache_replay import (
     replay_completion,
     usage_of,
 )
-from proxy.cache_semantic import TemplateGuard, Vectors, VectorStats
+from proxy.cache_semantic import Backfill, TemplateGuard, Vectors, VectorStats
 from proxy.cache_store import MemoryStore, RedisStore, SemanticEntry, Store
 from proxy.cache_verify import disagreement
 from proxy.embedding import Embedder
@@ -238,6 +238,7 @@ class ResponseCache:
             else None
         )
         self._templates = TemplateGuard()
+        self._backfill = Backfill(self._vectors, self._write_quietly) if self._vectors else None
         self._timeout_s = settings.redis_timeout_s
         self._store: Store = (
             RedisStore(redis_url, prefix=prefix, timeout_s=settings.redis_timeout_s)
@@ -254,6 +255,8 @@ class ResponseCache:
         await self._store.start(self._embedder.dim if self._semantic and self._embedder else None)
 
     async def close(self) -> None:
+        if self._backfill is not None:
+            await self._backfill.close()
         await self._store.close()
 
     def redis_field(self, key: str) -> tuple[str, str] | None:
@@ -291,6 +294,8 @@ class ResponseCache:
                 raw = await self._store.get(key)
         if raw is not None:
             self.stats.hits += 1
+            if self._backfill is not None:  # a repeated question stored without its vector gets one
+                self._backfill.served(key, raw)
             return CacheResult(decode(raw, "hit"), "hit")
         own = self._own(scope, req, observe=True)
         if own is None or self._vectors is None:
@@ -356,6 +361,8 @@ class ResponseCache:
                 # embedding); the vector follows from the embedder's bounded store lane, if at all
                 await self._write(key, payload, None)
                 vector = await self._vectors.store(text)
+                if vector is None and self._backfill is not None:  # until it is asked again
+                    self._backfill.remember(key, text, part)
             if vector is not None:  # without one, the answer is stored for the exact layer only
                 semantic = SemanticEntry(part, vector, text)
         if semantic is not None or own is None or self._vectors is None:
@@ -366,6 +373,12 @@ class ResponseCache:
     async def _write(self, key: str, payload: bytes, semantic: SemanticEntry | None) -> None:
         async with asyncio.timeout(self._timeout_s):
             await self._store.put(key, payload, self.settings.ttl_s, semantic)
+
+    async def _write_quietly(self, key: str, payload: bytes, semantic: SemanticEntry) -> None:
+        try:
+            await self._write(key, payload, semantic)
+        except Exception as exc:  # Redis slow or down: the entry stays exact-only
+            self._failed(exc, "store")
 
     def _own(self, scope: CacheScope, req: ChatRequest, *, observe: bool) -> tuple[str, str] | None:
         """(the user's own text, its partition) when the semantic layer may take this request."""

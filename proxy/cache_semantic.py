@@ -15,10 +15,12 @@ import hashlib
 import math
 import os
 from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from proxy.cache_store import SemanticEntry
 from proxy.embed_queue import EmbeddingError
 from proxy.embedding import Embedder
 
@@ -144,8 +146,8 @@ class Vectors:
     async def lookup(self, text: str) -> np.ndarray | None:
         return await self._get(text, lookup=True)
 
-    async def store(self, text: str) -> np.ndarray | None:
-        return await self._get(text, lookup=False)
+    async def store(self, text: str, *, urgent: bool = False) -> np.ndarray | None:
+        return await self._get(text, lookup=False, urgent=urgent)
 
     def recent(self, text: str) -> np.ndarray | None:
         """The vector if the LRU holds it, without waiting for anything."""
@@ -154,7 +156,7 @@ class Vectors:
             self.stats.reused += 1
         return row
 
-    async def _get(self, text: str, *, lookup: bool) -> np.ndarray | None:
+    async def _get(self, text: str, *, lookup: bool, urgent: bool = False) -> np.ndarray | None:
         stage = "lookup" if lookup else "store"
         if not self.embedder.fits(text):
             self.skips[stage, "window"] += 1
@@ -164,7 +166,7 @@ class Vectors:
             self.stats.reused += 1
             return row
         try:
-            ticket = self.embedder.offer(text, lookup=lookup)
+            ticket = self.embedder.offer(text, lookup=lookup, urgent=urgent)
         except EmbeddingError:  # closed or not started
             self.stats.errors += 1
             self.skips[stage, "error"] += 1
@@ -202,3 +204,48 @@ class Vectors:
         if not np.isnan(row[0]):
             self.stats.embedded += 1
             self.cache.put(text, row)
+
+
+Write = Callable[[str, bytes, SemanticEntry], Awaitable[None]]
+
+
+class Backfill:
+    """Entries stored without a vector (the embedder was behind), by exact key. When one is served
+    again from the exact layer (a question that is asked again), its vector goes to the head of
+    the store lane and the entry is rewritten with it: the few vectors an overloaded embedder
+    makes go to the questions people repeat, which are the ones paraphrases are paraphrases of."""
+
+    def __init__(self, vectors: Vectors, write: Write, size: int = 4096, in_flight: int = 16) -> None:
+        self._vectors, self._write = vectors, write
+        self._size, self._in_flight = size, in_flight
+        self._entries: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.done = 0  # entries given their vector this way (metrics, tests)
+
+    def remember(self, key: str, text: str, part: str) -> None:
+        self._entries[key] = (text, part)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def served(self, key: str, payload: bytes) -> None:
+        """An exact hit: when its entry has no vector, fetch one (at most `in_flight` at once)."""
+        if key not in self._entries or len(self._tasks) >= self._in_flight:
+            return
+        text, part = self._entries.pop(key)
+        task = asyncio.create_task(self._fill(key, text, part, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fill(self, key: str, text: str, part: str, payload: bytes) -> None:
+        vector = await self._vectors.store(text, urgent=True)
+        if vector is None:  # refused or failed (counted): the next hit tries again
+            self.remember(key, text, part)
+            return
+        await self._write(key, payload, SemanticEntry(part, vector, text))
+        self.done += 1
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

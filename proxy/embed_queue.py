@@ -107,8 +107,10 @@ class EmbedQueue:
         """The longest a lookup may wait for its vector now."""
         return min(self.own_time() + self._budget.budget_s, self._budget.max_wait_s)
 
-    def offer(self, text: str, *, lookup: bool) -> Ticket | None:
-        """Admit `text` to a lane, or refuse it (None) when the budget or the lane's bound says no."""
+    def offer(self, text: str, *, lookup: bool, urgent: bool = False) -> Ticket | None:
+        """Admit `text` to a lane, or refuse it (None) when the budget or the lane's bound says no.
+        `urgent` (store lane only): at the lane's head and past its bound; the caller bounds how
+        many it has waiting (cache_semantic.Backfill)."""
         if self._task is None:
             raise EmbeddingError("embedder not started")
         if lookup:
@@ -119,11 +121,14 @@ class EmbedQueue:
                 return None
             lane, deadline = self._lookups, self.clock() + allowed
         else:
-            if self._live(self._background) >= self._budget.background_max:
+            if not urgent and self._live(self._background) >= self._budget.background_max:
                 return None
             lane, deadline = self._background, float("inf")
         fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        lane.append((text, fut))
+        if urgent and not lookup:
+            lane.appendleft((text, fut))
+        else:
+            lane.append((text, fut))
         self._wakeup.set()
         return Ticket(fut, deadline)
 

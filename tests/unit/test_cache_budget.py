@@ -9,7 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from proxy.cache_semantic import Vectors, VectorStats
+from proxy.cache_semantic import Backfill, Vectors, VectorStats
+from proxy.cache_store import SemanticEntry
 from proxy.embed_queue import Budget, EmbedQueue, Ticket
 
 DIM = 4
@@ -152,9 +153,9 @@ class FakeEmbedder:
     def fits(self, text: str) -> bool:
         return len(text) <= self.window
 
-    def offer(self, text: str, *, lookup: bool) -> Ticket | None:
+    def offer(self, text: str, *, lookup: bool, urgent: bool = False) -> Ticket | None:
         self.offers += 1
-        return self.queue.offer(text, lookup=lookup)
+        return self.queue.offer(text, lookup=lookup, urgent=urgent)
 
 
 def vectors(q: EmbedQueue) -> tuple[Vectors, FakeEmbedder]:
@@ -209,4 +210,47 @@ async def test_budget_refusals_are_counted_per_stage() -> None:
     assert await v.lookup("refused") is None
     assert await v.store("refused2") is None
     assert v.skips == Counter({("lookup", "budget"): 1, ("store", "full"): 1})
+    await q.close()
+
+
+async def test_an_urgent_store_goes_to_the_lanes_head_even_when_it_is_full() -> None:
+    clock, engine = Clock(), Engine(Clock())
+    engine.gate.clear()
+    q = queue(engine, clock, lane=2)
+    busy = q.offer("busy", lookup=True)  # the batch in flight
+    await settle()
+    assert busy is not None and q.offer("s1", lookup=False) and q.offer("s2", lookup=False)
+    assert q.offer("s3", lookup=False) is None  # the lane is full
+    assert q.offer("popular", lookup=False, urgent=True) is not None
+    engine.gate.set()
+    await settle()
+    assert engine.batches[1][0] == "popular"
+    await q.close()
+
+
+async def test_backfill_gives_a_repeated_question_its_vector_and_rewrites_its_entry() -> None:
+    clock, engine = Clock(), Engine(Clock())
+    q = queue(engine, clock)
+    vecs, _ = vectors(q)
+    written: list[tuple[str, bytes, SemanticEntry]] = []
+
+    async def write(key: str, payload: bytes, entry: SemanticEntry) -> None:
+        written.append((key, payload, entry))
+
+    backfill = Backfill(vecs, write, size=2)
+    backfill.remember("k1", "question", "part-1")
+    backfill.served("k-unknown", b"x")  # an entry that has its vector: nothing to do
+    backfill.served("k1", b"answer")
+    for _ in range(3):
+        await settle()
+    assert [(k, p, e.part, e.text) for k, p, e in written] == [("k1", b"answer", "part-1", "question")]
+    backfill.served("k1", b"answer")  # done once: not again
+    await settle()
+    assert len(written) == 1 and backfill.done == 1
+    for key in ("a", "b", "c"):  # bounded: the oldest is forgotten
+        backfill.remember(key, key, "p")
+    backfill.served("a", b"x")
+    await settle()
+    assert len(written) == 1
+    await backfill.close()
     await q.close()
