@@ -122,9 +122,7 @@ class Member:
     def retry_after(self) -> float:
         """An honest estimate of when this member may take a request again: its breaker's
         reopening, or the next health probe when it is marked unhealthy; 1 s when only busy."""
-        if not self.healthy:
-            return max(1.0, self.last_probe + self.probe_interval_s - time.monotonic())
-        return max(1.0, self.breaker.reopens_in())
+        return max(1.0, self.next_probe_in() if not self.healthy else self.breaker.reopens_in())
 
     def skip_reason(self) -> str:
         if not self.healthy:

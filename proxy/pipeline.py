@@ -50,7 +50,7 @@ from proxy.protocol import (
 )
 from proxy.ratelimit import Admission, RateLimiter
 from proxy.routing import Router, apply_variant, sticky_key
-from proxy.settings import Settings, VariantSettings
+from proxy.settings import RoutingSettings, Settings, VariantSettings
 from proxy.streaming import DisconnectWatch, JSONBytesResponse, SSEResponse, StreamTap, usage_chunk
 
 T = TypeVar("T")
@@ -95,7 +95,9 @@ class Prepared:
     decision: CacheDecision
     admission: Admission
     key: str | None  # the exact cache key, when the cache is read or written
-    session: str | None  # the routing session header's value, when sent
+    routing: RoutingSettings  # the model's routing (its own keys over the top-level section)
+    session: str | None  # the conversation's name: the session header's value, or `user`
+    priority: int  # the caller's tier's priority (vLLM's: lower runs first)
     salt: str | None  # vLLM's cache_salt for this tenant, when the model isolates prefix caches
 
 
@@ -221,8 +223,21 @@ class Gateway:
         call.headers.update(admission.headers)
         salt = _salt(principal.tenant) if experiment.settings.isolate_prefix_cache else None
         routing = experiment.settings.routing or self.settings.routing
-        session = request.headers.get(routing.session_header) or None
-        return Prepared(req, body, variant, scope, decision, admission, cache_key, session, salt)
+        session = request.headers.get(routing.session_header) or (routing.session_from_user and req.user)
+        priority = self.settings.limits.tier(principal.tier).priority
+        return Prepared(
+            req,
+            body,
+            variant,
+            scope,
+            decision,
+            admission,
+            cache_key,
+            routing,
+            session or None,
+            priority,
+            salt,
+        )
 
     # -- cache hit --------------------------------------------------------------------------------
     def _serve_hit(self, hit: CachedAnswer, prep: Prepared, call: Call) -> Reply:
@@ -382,15 +397,12 @@ class Gateway:
     def _chain(self, prep: Prepared, call: Call) -> list[Member]:
         """The backends to try, by the model's routing policy (backends/pool.py `route`): its key
         is the request's session or conversation head, hashed once here."""
-        cfg = self.router.experiments[prep.req.model].settings.routing or self.settings.routing
-        priority = self.settings.limits.tier(call.principal.tier).priority if call.principal else 0
+        cfg, variant = prep.routing, prep.variant
         key, home = 0, None
-        variant = prep.variant
         if cfg.policy == "affinity":
-            session = prep.session or (prep.req.user if cfg.session_from_user else None)
-            key = request_key(prep.salt or "", prep.body["messages"], session, cfg.prefix_tokens)
+            key = request_key(prep.salt or "", prep.body["messages"], prep.session, cfg.prefix_tokens)
             home = self.placements.home(key)
-        plan = route(self.members, variant.backends, variant.fallback, cfg, key, priority, home=home)
+        plan = route(self.members, variant.backends, variant.fallback, cfg, key, prep.priority, home=home)
         first = plan.chain[0].name if plan.chain else None
         if cfg.policy == "affinity" and home is None and first in variant.backends:
             self.placements.place(key, first)
@@ -419,8 +431,8 @@ class Gateway:
         fwd["model"] = member.backend.model
         if prep.salt is not None and isinstance(member.backend, VllmBackend):
             fwd["cache_salt"] = prep.salt
-        if member.send_priority and call.principal is not None:
-            fwd["priority"] = self.settings.limits.tier(call.principal.tier).priority
+        if member.send_priority:
+            fwd["priority"] = prep.priority
         ctx = member.backend.context_length
         if ctx is None:
             return fwd

@@ -106,10 +106,6 @@ class SSEResponse:
         self.raw_headers = [*SSE_HEADERS, *((k.encode(), v.encode()) for k, v in headers.items())]
         self.watch = watch
 
-    @property
-    def disconnected(self) -> bool:
-        return self.watch is not None and self.watch.disconnected
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = self.watch or DisconnectWatch(receive).start()
         self.watch = watch

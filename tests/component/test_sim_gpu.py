@@ -21,17 +21,11 @@ GPU = {"mode": "gpu", "max_model_len": 32768, "gpu_prefill_tok_s": 2000.0, "gpu_
 
 
 @pytest.fixture(scope="module")
-def shared_gpu_sim() -> Iterator[SimulatorThread]:
+def shared_sim() -> Iterator[SimulatorThread]:
+    """This module's simulator is in GPU mode; conftest's `sim` resets it around each test (the
+    initial config and a fresh, empty KV cache)."""
     with SimulatorThread(**GPU) as sim:
         yield sim
-
-
-@pytest.fixture
-def sim(shared_gpu_sim: SimulatorThread) -> Iterator[SimulatorThread]:
-    """Reset before and after each test: the initial config and a fresh (empty) KV cache."""
-    shared_gpu_sim.reset()
-    yield shared_gpu_sim
-    shared_gpu_sim.reset()
 
 
 @pytest.fixture

@@ -33,6 +33,18 @@ def test_breaker_opens_after_threshold_and_half_opens_after_reset():
     assert b.state == "closed" and b.allow() and b.allow()
 
 
+def test_retry_after_is_when_the_breaker_reopens_and_never_below_a_second():
+    """The 503 a client gets when no backend can take it says when one may again."""
+    clock = Clock()
+    member = Member(FakeBackend("a"), Breaker(failures=1, reset_s=10, clock=clock))
+    assert member.retry_after() == 1.0  # closed: only busy
+    member.breaker.failure()
+    clock.t = 2.5
+    assert member.breaker.reopens_in() == 7.5 and member.retry_after() == 7.5
+    clock.t = 9.8
+    assert member.retry_after() == 1.0  # the trial is due: a second, not less
+
+
 def test_success_resets_the_failure_count():
     b = Breaker(failures=2, reset_s=1, clock=Clock())
     b.failure()
