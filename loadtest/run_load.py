@@ -9,8 +9,9 @@ Reports: reports/load-<name>.html, reports/load-<name>_stats.csv, ..., reports/l
     python -m loadtest.run_load --target llamacpp --rate 10  # the embedded CPU model alone: overload
     python -m loadtest.run_load --smoke                      # 10 s at 10 req/s, lenient bounds (CI)
 
-Layout on a 2-core machine: the gateway (one worker) on core 0; the simulator and Locust on core 1
-(--cpus-*); Redis unpinned. Simulator: 50 ms to the first token, 20 ms per token, 16 tokens.
+Layout on a 2-core machine: the gateway (one worker) on core 0; the simulator, Locust and the Redis 8
+it starts on core 1 (--cpus-*), so the gateway's core is its own. Simulator: 50 ms to the first
+token, 20 ms per token, 16 tokens.
 "Added p99" is an entry's p99 minus the backend's own p99 for the same entry ("floor"). With
 --baseline measure (the default for the simulator) the same load first goes straight to the
 simulator for the same duration, and its p99s are the floors, so Locust's and the simulator's own
@@ -120,6 +121,9 @@ def start_stack(args: argparse.Namespace, stack: Stack) -> tuple[str, str]:
         from tests.redis8 import start_redis8
 
         stack.redis, redis_url = start_redis8(free_port())
+        if args.cpus_redis and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+            subprocess.run(["taskset", "-a", "-p", "-c", args.cpus_redis, str(stack.redis.pid)],
+                           check=True, stdout=subprocess.DEVNULL)
     sim_port, gw_port = free_port(), free_port()
     py = sys.executable
     sim = stack.start("sim", pinned(args.cpus_sim, [
@@ -336,6 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare-rate", type=float, default=0.0,
                    help="then the same mix at this rate on a fresh stack: semantic hits per paraphrase")
     p.add_argument("--cpus-locust", default="1")
+    p.add_argument("--cpus-redis", default="1", help="cores for the Redis 8 this command starts")
     p.add_argument("--reports", default="reports")
     p.add_argument("--name", default="")
     p.add_argument("locust_args", nargs="*", help="after --: passed to locust (e.g. --stream-share 0.8)")
