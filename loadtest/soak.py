@@ -75,7 +75,7 @@ def _config(sims: list[str]) -> dict[str, Any]:
 
 
 def _token(sub: str) -> str:
-    from proxy.auth import mint_token
+    from proxy.auth.authenticator import mint_token
     from proxy.settings import AuthSettings
 
     auth = AuthSettings(secret=SECRET, audience="llm-gateway", issuer="soak")

@@ -33,16 +33,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backends.base import Backend
 from backends.pool import Breaker, Member, probe_forever
 from proxy import errors
-from proxy.auth import Authenticator, ensure_secret
-from proxy.cache import ResponseCache
+from proxy.auth.authenticator import Authenticator, ensure_secret
+from proxy.cache.embedding import build_embedder
+from proxy.cache.response_cache import ResponseCache
+from proxy.call import Call
 from proxy.edge import read_body
-from proxy.embedding import build_embedder
 from proxy.guard import PolicyGuard
-from proxy.metrics import HttpMetrics
-from proxy.observability import Observer, configure_logging
-from proxy.pipeline import Call, Gateway, Reply
+from proxy.limits.limiter import RateLimiter
+from proxy.observability.metrics import HttpMetrics
+from proxy.observability.observer import Observer, configure_logging
+from proxy.pipeline import Gateway, Reply
 from proxy.protocol import model_card
-from proxy.ratelimit import RateLimiter
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("llm_gateway.app")
@@ -106,7 +107,7 @@ class Runtime:
                 stack.push_async_callback(part.close)
             stack.push_async_callback(self.observer.close)
             self.gateway = Gateway(s, members, auth, limiter, guard, cache, self.observer)
-            await self.observer.start(self.gateway)
+            await self.observer.start(self.gateway, s.redis_url)
             _settle_garbage_collector()
             try:
                 yield

@@ -36,11 +36,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy.auth import ensure_secret
+    from proxy.auth.authenticator import ensure_secret
     from proxy.edge import ENV as EDGE_ENV
     from proxy.edge import GuardedHttpToolsProtocol
-    from proxy.metrics import prepare_multiprocess
-    from proxy.observability import configure_logging
+    from proxy.observability.metrics import prepare_multiprocess
+    from proxy.observability.observer import configure_logging
 
     path, settings = _load(args.config)
     server = settings.server
@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from proxy.auth import ensure_secret, mint_token, parse_ttl
+    from proxy.auth.authenticator import ensure_secret, mint_token, parse_ttl
 
     _, settings = _load(args.config)
     auth = settings.auth
@@ -106,8 +106,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_ab_report(args: argparse.Namespace) -> int:
-    from proxy.auth import parse_ttl
-    from proxy.experiments import ab_report
+    from proxy.auth.authenticator import parse_ttl
+    from proxy.experiments.aggregates import ab_report
 
     _, settings = _load(args.config)
     try:

@@ -14,7 +14,7 @@ import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -25,8 +25,8 @@ from backends.pool import Member, Placements, route, shed_retry_after
 from backends.vllm import VllmBackend
 from policies.stream import ChunkFilter
 from proxy import errors
-from proxy.auth import Authenticator, Principal
-from proxy.cache import (
+from proxy.auth.authenticator import Authenticator
+from proxy.cache.response_cache import (
     CachedAnswer,
     CacheDecision,
     CacheScope,
@@ -36,9 +36,12 @@ from proxy.cache import (
     replay_chunks,
     replay_completion,
 )
+from proxy.call import Call
 from proxy.edge import read_body
+from proxy.experiments.assign import Router, apply_variant, sticky_key
 from proxy.guard import PolicyGuard
-from proxy.observability import Observer
+from proxy.limits.limiter import Admission, RateLimiter
+from proxy.observability.observer import Observer
 from proxy.protocol import (
     DONE_FRAME,
     ChatRequest,
@@ -48,8 +51,6 @@ from proxy.protocol import (
     estimate_prompt_tokens,
     parse_chat_request,
 )
-from proxy.ratelimit import Admission, RateLimiter
-from proxy.routing import Router, apply_variant, sticky_key
 from proxy.settings import RoutingSettings, Settings, VariantSettings
 from proxy.streaming import DisconnectWatch, JSONBytesResponse, SSEResponse, StreamTap, usage_chunk
 
@@ -58,32 +59,6 @@ Reply = SSEResponse | JSONBytesResponse
 Attempt = Callable[[Member, dict[str, Any]], Awaitable[T]]
 DEFAULT_COMPLETION_RESERVE = 512  # reserved when the client sets no max_tokens; refunded after
 OFF_LOOP_SCAN_BYTES = 64 * 1024
-
-
-@dataclass(slots=True)
-class Call:
-    """Everything known about one request; observability reads it when the request ends."""
-
-    request_id: str
-    started: float
-    principal: Principal | None = None
-    model: str | None = None
-    variant: str | None = None
-    backend: str | None = None
-    tried: list[str] = field(default_factory=list)
-    fallback_reasons: list[str] = field(default_factory=list)
-    cache: str = "bypass"
-    policy: list[str] = field(default_factory=list)
-    stream: bool = False
-    status: int = 200
-    error: str | None = None
-    ttft_s: float | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    disconnected: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-    completion_id: str | None = None  # the id the client saw; feedback maps it back to the variant
-    route: str | None = None  # how the pool ordered its replicas: affinity|spill|least_loaded|random|shed
 
 
 @dataclass(slots=True)

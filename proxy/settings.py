@@ -278,7 +278,7 @@ class ObservabilitySettings(_Strict):
     hash_sub: bool = True
     metrics_port: int | None = Field(None, ge=0, le=65535)  # None: /metrics on the main port
     metrics_host: str = "127.0.0.1"  # where the separate metrics port listens
-    # A/B aggregates (proxy/experiments.py): per-minute buckets in Redis, or in-process without redis_url
+    # A/B aggregates (proxy/experiments/): per-minute buckets in Redis, or in-process without redis_url
     ab_prefix: str = Field("llmgw:ab", min_length=1, max_length=64)
     ab_flush_s: float = Field(1.0, gt=0, le=60)  # how often a process adds its counts to Redis
     ab_retention_s: int = Field(8 * 86400, ge=3600)  # minute buckets live this long

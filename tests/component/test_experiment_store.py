@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.experiment_store import RedisBackend
+from proxy.experiments.store import RedisBackend
 from proxy.settings import ObservabilitySettings
 
 REDIS = "redis://127.0.0.1:6379/0"

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.auth import Authenticator
+from proxy.auth.authenticator import Authenticator
 from proxy.errors import ServiceUnavailable, Unauthorized
 from proxy.settings import AuthSettings
 from tests.jwt_helpers import public_jwk

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.auth import Principal
+from proxy.auth.authenticator import Principal
 from proxy.errors import RateLimited, ServiceUnavailable
-from proxy.ratelimit import RateLimiter, format_duration
+from proxy.limits.limiter import RateLimiter, format_duration
 from proxy.settings import LimitSettings, TierLimits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,9 +79,9 @@ WORKER = textwrap.dedent(
     """
     import asyncio, json, sys, time
     from types import MappingProxyType
-    from proxy.auth import Principal
+    from proxy.auth.authenticator import Principal
     from proxy.errors import GatewayError
-    from proxy.ratelimit import RateLimiter
+    from proxy.limits.limiter import RateLimiter
     from proxy.settings import LimitSettings, TierLimits
 
     async def main(prefix, rpm, n, start_at):
@@ -451,7 +451,7 @@ async def test_redis_and_memory_stores_agree_step_by_step(prefix: str) -> None:
     """The Lua script and its in-process twin: the same verdicts for the same steps and clock."""
     import random
 
-    from proxy.limit_store import LocalLimitStore, Quota, RedisLimitStore
+    from proxy.limits.store import LocalLimitStore, Quota, RedisLimitStore
 
     client = aioredis.Redis.from_url(REDIS)
     stores = (RedisLimitStore(client, prefix), LocalLimitStore())

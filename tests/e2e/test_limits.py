@@ -28,9 +28,9 @@ import pytest
 import redis
 
 from loadtest.vllm_sim import SimulatorThread
-from proxy.auth import Principal
+from proxy.auth.authenticator import Principal
+from proxy.limits.limiter import _identity
 from proxy.protocol import estimate_prompt_tokens
-from proxy.ratelimit import _identity
 from tests.conftest import SECRET, GatewayProcess, free_port, gateway_config
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

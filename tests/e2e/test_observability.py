@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.vllm_sim import SimulatorThread
-from proxy.report import bucket_of, wilson
+from proxy.experiments.report import bucket_of, wilson
 from tests.conftest import ROOT, SECRET, GatewayProcess, free_port, gateway_config
 from tests.unit.test_dashboard import dashboard, grouping_labels, metric_names, queries
 

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.auth import INVALID, MISSING, Authenticator, ensure_secret, mint_token, parse_ttl
+from proxy.auth.authenticator import INVALID, MISSING, Authenticator, ensure_secret, mint_token, parse_ttl
 from proxy.errors import PermissionDenied, ServiceUnavailable, Unauthorized
 from proxy.settings import AuthSettings
 from tests.jwt_helpers import DROP, b64, public_jwk, with_claims

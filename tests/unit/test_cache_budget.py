@@ -1,4 +1,4 @@
-"""The embedder's latency budget (proxy/embed_queue.py) and the semantic layer's vector source
+"""The embedder's latency budget (proxy/cache/embed_queue.py) and the semantic layer's vector source
 (proxy/cache_semantic.Vectors), with an injected clock and a batch function the test releases."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from proxy.cache_semantic import Backfill, Vectors, VectorStats
-from proxy.cache_store import SemanticEntry
-from proxy.embed_queue import Budget, EmbedQueue, Ticket
+from proxy.cache.embed_queue import Budget, EmbedQueue, Ticket
+from proxy.cache.semantic import Backfill, Vectors, VectorStats
+from proxy.cache.store import SemanticEntry
 
 DIM = 4
 

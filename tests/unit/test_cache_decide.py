@@ -1,4 +1,4 @@
-"""proxy.cache: what may be cached (decide), request keys, stored form and replay. Pure, table-driven."""
+"""proxy.cache.response_cache: what may be cached (decide), request keys, stored form and replay. Pure, table-driven."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.cache import (
+from proxy.cache.replay import decode, encode, is_complete
+from proxy.cache.response_cache import (
     CachedAnswer,
     CacheScope,
     chunks_to_completion,
@@ -19,7 +20,6 @@ from proxy.cache import (
     semantic_part,
     user_turn,
 )
-from proxy.cache_replay import decode, encode, is_complete
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings, ModelSettings
 

@@ -1,10 +1,10 @@
-"""proxy.cache_store.MemoryStore: TTL, LRU bound, per-partition nearest neighbours. Injected clock."""
+"""proxy.cache.store.MemoryStore: TTL, LRU bound, per-partition nearest neighbours. Injected clock."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from proxy.cache_store import MemoryStore, SemanticEntry
+from proxy.cache.store import MemoryStore, SemanticEntry
 
 
 class Clock:

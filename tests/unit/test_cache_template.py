@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from loadtest.prompts import POPULAR, PromptBook
-from proxy.cache_semantic import TemplateGuard
+from proxy.cache.semantic import TemplateGuard
 
 WRAP = (
     "You are the support assistant of ACME Cloud. Answer politely, in the customer's language, "

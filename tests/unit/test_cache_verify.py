@@ -1,4 +1,4 @@
-"""proxy.cache_verify: semantic candidates must agree on the hard features. Pure, table-driven."""
+"""proxy.cache.verify: semantic candidates must agree on the hard features. Pure, table-driven."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cache_ask import asks
-from proxy.cache_verify import disagreement, features
+from proxy.cache.ask import asks
+from proxy.cache.verify import disagreement, features
 
 SUPPORT = Path(__file__).resolve().parent.parent / "data" / "cache_pairs_support.jsonl"
 

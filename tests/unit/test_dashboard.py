@@ -14,8 +14,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.app import create_app
-from proxy.observability import Observer
-from proxy.pipeline import Call
+from proxy.call import Call
+from proxy.observability.observer import Observer
 from proxy.settings import ObservabilitySettings, Settings
 
 ROOT = Path(__file__).resolve().parents[2]

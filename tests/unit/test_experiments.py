@@ -10,11 +10,11 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy import errors
-from proxy.auth import Principal
-from proxy.experiments import ExperimentStore, Sample, parse_feedback, sample_fields
-from proxy.observability import Observer
-from proxy.pipeline import Call
-from proxy.report import bucket_of
+from proxy.auth.authenticator import Principal
+from proxy.call import Call
+from proxy.experiments.aggregates import ExperimentStore, Sample, parse_feedback, sample_fields
+from proxy.experiments.report import bucket_of
+from proxy.observability.observer import Observer
 from proxy.settings import ObservabilitySettings
 
 T0 = 1_700_000_000.0  # a minute boundary is at T0 - 20 (1_699_999_980)
@@ -213,7 +213,7 @@ async def test_ids_that_cannot_be_keys_are_not_mapped() -> None:
 # -- the Observer feeds the store ---------------------------------------------------------------------
 async def test_observer_records_a_finished_call_and_maps_its_completion() -> None:
     observer = Observer(ObservabilitySettings(log_format="json"), multiprocess_mode=False)
-    await observer.start(SimpleNamespace(settings=SimpleNamespace(redis_url="")))  # type: ignore[arg-type]
+    await observer.start(SimpleNamespace(), "")  # type: ignore[arg-type]
     alice = _principal("alice")
     call = Call(
         request_id="req_1",

@@ -1,10 +1,10 @@
-"""proxy.metrics.HttpMetrics: route-template labels stay bounded whatever clients send."""
+"""proxy.observability.metrics.HttpMetrics: route-template labels stay bounded whatever clients send."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import HttpMetrics
+from proxy.observability.metrics import HttpMetrics
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/models/{model_id}", "/healthz")
 

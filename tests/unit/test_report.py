@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from proxy.report import (
+from proxy.experiments.report import (
     Aggregate,
     Moments,
     bucket_of,

@@ -1,4 +1,4 @@
-"""proxy.observability.RequestLine: the per-request line written past structlog reads exactly like the
+"""proxy.observability.observer.RequestLine: the per-request line written past structlog reads exactly like the
 line structlog's JSON configuration writes, and steps aside where structlog must render."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import orjson
 import pytest
 import structlog
 
-from proxy.observability import RequestLine, _utc_iso, configure_logging
+from proxy.observability.observer import RequestLine, _utc_iso, configure_logging
 from proxy.settings import ObservabilitySettings
 
 FIELDS: dict[str, Any] = {

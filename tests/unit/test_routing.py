@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from proxy.routing import Router, apply_variant, sticky_key
+from proxy.experiments.assign import Router, apply_variant, sticky_key
 from proxy.settings import VariantSettings, parse_settings
 
 CONFIG = """\

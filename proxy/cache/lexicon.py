@@ -1,4 +1,4 @@
-"""Word lists and tables for proxy.cache_verify (data only): numerals, dates, negation, polarity, stop words.
+"""Word lists and tables for proxy.cache.verify (data only): numerals, dates, negation, polarity, stop words.
 
 Kept apart so the rules stay readable; extend these lists, not the rules, to cover more phrasings.
 """

@@ -1,4 +1,4 @@
-"""Is one turn another with some of its content replaced by other content? For proxy.cache_verify.
+"""Is one turn another with some of its content replaced by other content? For proxy.cache.verify.
 
 Works on the content tokens that cache_verify extracts (English words, Chinese characters): ethanol /
 methanol, 微信 / 支付宝, or several stretches each replaced by something unrelated.

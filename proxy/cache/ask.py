@@ -1,4 +1,4 @@
-"""What a question asks for (a story or an explanation, a duration or a price), for proxy.cache_verify.
+"""What a question asks for (a story or an explanation, a duration or a price), for proxy.cache.verify.
 
 Two turns about the same topic can ask for different things: "write a 40-word story about X" and
 "explain X in 40 words", "how long does shipping take" and "how much does shipping cost".
@@ -10,7 +10,7 @@ import functools
 import re
 import unicodedata
 
-from proxy import cache_lexicon as lx
+from proxy.cache import lexicon as lx
 
 _HAN_RE = re.compile(r"[\u4e00-\u9fff]")
 _WORD_RE = re.compile(r"[a-z]+")

@@ -1,6 +1,6 @@
 """Structured logs (structlog, one line per request from an allow-list of fields), the Observer
-that turns a finished `Call` into metrics (proxy/metrics.py), a log line and an A/B sample
-(proxy/experiments.py), and ownership of the small background tasks a request leaves behind
+that turns a finished `Call` into metrics (proxy/observability/metrics.py), a log line and an A/B sample
+(proxy/experiments/aggregates.py), and ownership of the small background tasks a request leaves behind
 (cache stores, token refunds), so none is fire-and-forget.
 
 With several workers (PROMETHEUS_MULTIPROC_DIR) every sample goes through prometheus_client's
@@ -25,13 +25,20 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from proxy import errors
-from proxy.experiments import ExperimentStore, Sample
-from proxy.metrics import MULTIPROC_ENV, HttpMetrics, RequestMetrics, StateMetrics, metrics_server
+from proxy.experiments.aggregates import ExperimentStore, Sample
+from proxy.observability.metrics import (
+    MULTIPROC_ENV,
+    HttpMetrics,
+    RequestMetrics,
+    Stages,
+    StateMetrics,
+    metrics_server,
+)
 from proxy.settings import ObservabilitySettings
 
 if TYPE_CHECKING:
-    from proxy.auth import Principal
-    from proxy.pipeline import Call, Gateway
+    from proxy.auth.authenticator import Principal
+    from proxy.call import Call
 
 _HITS = frozenset({"hit", "semantic-hit"})
 _SYNC_S = 1.0  # with several workers: how often each copies its state into the shared files
@@ -175,7 +182,7 @@ class Observer:
         self._line = RequestLine.for_settings(settings)
         self.started_at, self.pid = time.time(), os.getpid()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._gateway: Gateway | None = None
+        self._gateway: Stages | None = None
         self._experiments: ExperimentStore | None = None
         self._background: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
@@ -190,10 +197,10 @@ class Observer:
             raise errors.ServiceUnavailable("The gateway is starting.")
         return self._experiments
 
-    async def start(self, gateway: Gateway) -> None:
+    async def start(self, gateway: Stages, redis_url: str) -> None:
         """After the stages exist: the A/B recorder, the state sync, the separate metrics port."""
         self._gateway = gateway
-        self._experiments = ExperimentStore(gateway.settings.redis_url, self.settings)
+        self._experiments = ExperimentStore(redis_url, self.settings)
         await self._experiments.start()
         if self.multiprocess:
             self._background.append(asyncio.create_task(self._sync_forever(), name="metrics-sync"))

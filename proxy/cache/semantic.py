@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proxy.cache_store import SemanticEntry
-from proxy.embed_queue import EmbeddingError
-from proxy.embedding import Embedder
+from proxy.cache.embed_queue import EmbeddingError
+from proxy.cache.embedding import Embedder
+from proxy.cache.store import SemanticEntry
 
 STORE_WAIT_S = 2.0  # a new entry waits this long for its vector, then is stored for the exact layer only
 KEEP_CHARS = 1024  # of each recent turn's head and tail, remembered per partition

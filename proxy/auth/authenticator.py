@@ -1,4 +1,4 @@
-"""JWT verification -> Principal, the first-run secret and token minting (JWKS keys: proxy.jwks).
+"""JWT verification -> Principal, the first-run secret and token minting (JWKS keys: proxy.auth.jwks).
 
 Algorithms come from configuration only; the token's `alg` merely selects among them, and each
 algorithm family is bound to its own key (HS* to the secret, RS*/ES* to a public key), so an
@@ -27,8 +27,8 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from proxy.auth.jwks import MAX_KID_CHARS, JwksCache, key_fits
 from proxy.errors import PermissionDenied, ServiceUnavailable, Unauthorized
-from proxy.jwks import MAX_KID_CHARS, JwksCache, key_fits
 from proxy.settings import AuthSettings
 
 log = logging.getLogger(__name__)

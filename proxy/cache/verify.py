@@ -15,16 +15,16 @@ Before a candidate found by vector search is served, the stored user turn and th
   every Latin word inside Chinese text: iPhone 15, GPT-4, XPS 13, Python);
 - direction words on a shared axis (buy/sell, upload/download, 上涨/下跌, 最高/最低);
 - terms linked by a directional word must not trade places (杭州到南京 / 南京到杭州, from X to Y);
-- what is asked, where both turns name it (proxy.cache_ask): a story is not an explanation, an agenda
+- what is asked, where both turns name it (proxy.cache.ask): a story is not an explanation, an agenda
   not a quiz, a duration not a price;
 - the content words must not differ by one substituted stretch (ethanol/methanol, 微信/支付宝,
   低血糖/糖尿病) or by several stretches each replaced by something unrelated (给程序员...数据库索引 /
   给高中生...机器学习入门), in the whole turn or in one clause of turns whose clauses line up, and must
-  share something at all (proxy.cache_substitution).
+  share something at all (proxy.cache.substitution).
 
 Only then does the similarity threshold decide. Every rule can only turn a hit into a miss, never the
 reverse, so a rule that is too strict costs recall (a backend call), not correctness. Pure functions;
-the word lists live in proxy.cache_lexicon.
+the word lists live in proxy.cache.lexicon.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy import cache_lexicon as lx
-from proxy.cache_ask import asks_differ
-from proxy.cache_substitution import is_han, share_a_word, substitution
+from proxy.cache import lexicon as lx
+from proxy.cache.ask import asks_differ
+from proxy.cache.substitution import is_han, share_a_word, substitution
 
 _M0, _M1 = "\ue000", "\ue001"  # private-use brackets around marker tokens produced by the rewrites
 

@@ -6,7 +6,7 @@ the log full leaves it). Tokens: a token bucket (capacity = tokens_per_minute, r
 continuously) that reserves `prompt + max_tokens` at admission and refunds or charges the
 difference at the end, and knows exactly when enough tokens are back.
 
-Both live in proxy.limit_store and are checked and charged together in one Lua script: one Redis
+Both live in proxy.limits.store and are checked and charged together in one Lua script: one Redis
 round trip to admit, one to settle. (We used `limits.aio`'s moving window before: it needs a second
 call for the remaining-requests header and a third for the bucket, and its in-memory storage sorts
 in a worker thread on every hit; four round trips were half of a request's CPU.)
@@ -35,9 +35,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxy.auth import Principal
+from proxy.auth.authenticator import Principal
 from proxy.errors import RateLimited, ServiceUnavailable
-from proxy.limit_store import LimitStore, LocalLimitStore, Peek, Quota, RedisLimitStore, Verdict
+from proxy.limits.store import LimitStore, LocalLimitStore, Peek, Quota, RedisLimitStore, Verdict
 from proxy.settings import LimitSettings
 
 log = logging.getLogger(__name__)

@@ -3,14 +3,14 @@
 Exact layer: a digest of everything in the request that can change the answer (tenant scope, model,
 variant, all messages, every sampling parameter, response_format, tools, n, ...). Semantic layer,
 tried only after an exact miss: the user's own content of the last turn is embedded ("query: "
-prefix; template text shared by most recent turns is left out, proxy.cache_semantic) and the nearest
+prefix; template text shared by most recent turns is left out, proxy.cache.semantic) and the nearest
 stored turns are searched among entries whose partition digest matches exactly (tenant scope, model,
 variant, digest of all earlier messages including the system prompt, answer-affecting parameters,
 embedder, the template text). A lookup waits for its vector only within the embedder's budget, else
 it skips the layer (a miss, counted); a turn longer than the embedder's window is matched exactly only.
 A candidate is served only if its similarity reaches `cache.semantic.threshold` *and* it
 agrees with the query on numbers, dates, negation, product-like tokens and word substitutions
-(proxy.cache_verify). Two chats that both end in "继续" differ in their context digest, never collide.
+(proxy.cache.verify). Two chats that both end in "继续" differ in their context digest, never collide.
 
 Request header `x-gateway-cache`: `no-cache` (do not read, still store the fresh answer), `no-store`
 (neither read nor store), `bypass` (same as no-store). Redis errors or slowness (bounded by
@@ -32,7 +32,8 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from proxy.cache_replay import (
+from proxy.cache.embedding import Embedder
+from proxy.cache.replay import (
     CachedAnswer,
     chunks_to_completion,
     completion_to_chunks,
@@ -43,11 +44,10 @@ from proxy.cache_replay import (
     replay_completion,
     usage_of,
 )
-from proxy.cache_semantic import Backfill, TemplateGuard, Vectors, VectorStats
-from proxy.cache_store import MemoryStore, RedisStore, SemanticEntry, Store
-from proxy.cache_verify import disagreement
-from proxy.embedding import Embedder
-from proxy.limit_store import Peek
+from proxy.cache.semantic import Backfill, TemplateGuard, Vectors, VectorStats
+from proxy.cache.store import MemoryStore, RedisStore, SemanticEntry, Store
+from proxy.cache.verify import disagreement
+from proxy.limits.store import Peek
 from proxy.protocol import ChatRequest
 from proxy.settings import CacheSettings, ModelSettings
 

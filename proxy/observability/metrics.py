@@ -14,13 +14,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from proxy.experiments import ExperimentStore
-    from proxy.pipeline import Gateway
+    from backends.pool import Member
+    from proxy.cache.response_cache import ResponseCache
+    from proxy.experiments.aggregates import ExperimentStore
+    from proxy.guard import PolicyGuard
+    from proxy.limits.limiter import RateLimiter
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -30,6 +33,15 @@ _BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 _LABELS = ("model", "variant", "backend")
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 _Total = tuple[Counter, tuple[str, ...], float]  # a counter, its labels, a stage's running total
+
+
+class Stages(Protocol):
+    """The running stages whose state the scrape-time metrics read (the pipeline's Gateway)."""
+
+    members: dict[str, Member]
+    cache: ResponseCache
+    limiter: RateLimiter
+    guard: PolicyGuard
 
 
 def prepare_multiprocess(workers: int) -> str | None:
@@ -240,7 +252,7 @@ class StateMetrics:
         )
         self._seen: dict[tuple[Any, ...], float] = {}
 
-    def sync(self, gw: Gateway, store: ExperimentStore | None, followups: int) -> None:
+    def sync(self, gw: Stages, store: ExperimentStore | None, followups: int) -> None:
         for name, member in gw.members.items():
             self.breaker.labels(name).set(_BREAKER.get(member.breaker.state, 2))
             self.healthy.labels(name).set(1 if member.healthy else 0)
@@ -257,7 +269,7 @@ class StateMetrics:
         for counter, labels, total in self._totals(gw, store):
             self._count(counter, labels, total)
 
-    def _totals(self, gw: Gateway, store: ExperimentStore | None) -> list[_Total]:
+    def _totals(self, gw: Stages, store: ExperimentStore | None) -> list[_Total]:
         c, lim, guard = gw.cache.stats, gw.limiter.stats, gw.guard
         totals: list[_Total] = [
             (self.cache, ("exact", "hit"), c.hits),

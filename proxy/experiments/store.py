@@ -1,5 +1,5 @@
 """Where the A/B aggregates and completion-id records live: Redis (shared by replicas) or process
-memory (no redis_url). The layout is documented in proxy/experiments.py; the logic lives there too.
+memory (no redis_url). The layout is documented in proxy/experiments/aggregates.py; the logic lives there too.
 """
 
 from __future__ import annotations

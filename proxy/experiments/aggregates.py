@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 
 from proxy import errors
-from proxy.auth import Principal
-from proxy.experiment_store import AbBackend, Fields, MemoryBackend, RedisBackend
-from proxy.report import Aggregate, bucket_of, experiment_report, render_text
+from proxy.auth.authenticator import Principal
+from proxy.experiments.report import Aggregate, bucket_of, experiment_report, render_text
+from proxy.experiments.store import AbBackend, Fields, MemoryBackend, RedisBackend
 from proxy.settings import ObservabilitySettings, Settings
 
 log = logging.getLogger("llm_gateway.experiments")
