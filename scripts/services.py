@@ -38,7 +38,8 @@ def main() -> None:
         if server is None:
             raise SystemExit("redis-server is not installed: apt-get install -y redis-server")
         subprocess.run(
-            [server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"],
+            [server, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379",
+             "--save", "", "--appendonly", "no"],
             check=True,
         )
     _wait(6379, "redis")

@@ -8,7 +8,13 @@ Redis layout (prefix = observability.ab_prefix, default "llmgw:ab"):
   {prefix}:m:{epoch_minute}  HASH "{model}|{variant}|{field}" -> number, EXPIRE ab_retention_s
       n err blk hit disc tin tout, tps_n/_s/_q (tokens/s), fb_n/_s/_q (feedback), lat:{i} ttft:{i}
   {prefix}:c:{completion_id} HASH owner model variant minute [score comment], EXPIRE feedback_ttl_s
+      only for the share `models.<name>.feedback_sample` of a model's completions (default none):
+      ~200 B each (loadtest/redis_memory.py): every completion rateable for an hour (the default
+      feedback_ttl_s) at 1,000 requests/s holds ~0.7 GB
 Feedback is last-write-wins: rating a completion again replaces its score in the aggregates.
+Whether a completion can be rated is a pure function of its id (every replica agrees).
+While Redis is skipped (its breaker is open) the buffers are kept for the next flush: nothing was
+sent, so nothing can be counted twice; a flush that fails once sent is dropped and counted.
 """
 
 from __future__ import annotations
@@ -17,9 +23,8 @@ import asyncio
 import functools
 import hashlib
 import logging
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +34,13 @@ from redis.exceptions import RedisError
 
 from proxy import errors
 from proxy.auth.authenticator import Principal
-from proxy.experiments.report import Aggregate, bucket_of, experiment_report, render_text
+from proxy.experiments.report import FEEDBACK_SCALES, Aggregate, bucket_of
 from proxy.experiments.store import AbBackend, Fields, MemoryBackend, RedisBackend
-from proxy.settings import ObservabilitySettings, Settings
+from proxy.redis import RedisUnavailable, SharedRedis
+from proxy.settings import ObservabilitySettings, RedisSettings
 
 log = logging.getLogger("llm_gateway.experiments")
-_SCALES = {"thumbs": (-1.0, 1.0), "stars": (0.0, 5.0)}
+_MAX_IDS = 100_000  # completion ids waiting for a flush (Redis skipped for a while); beyond: dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +113,7 @@ def parse_feedback(raw: bytes, scale: str) -> FeedbackIn:
         err = exc.errors(include_url=False)[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise errors.InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
-    low, high = _SCALES[scale]
+    low, high = FEEDBACK_SCALES[scale]
     if not low <= fb.score <= high:
         raise errors.InvalidRequest(f"'score' must be between {low:g} and {high:g}.", param="score")
     return fb
@@ -120,21 +126,35 @@ class ExperimentStats:
     mapping_errors: int = 0  # completion id -> variant writes that failed
 
 
+def feedback_sampled(completion_id: str, share: float) -> bool:
+    """Whether a completion can be rated: a pure function of its id, so every replica agrees."""
+    if share >= 1.0 or share <= 0.0:
+        return share >= 1.0
+    digest = hashlib.blake2b(completion_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2**64
+
+
 class ExperimentStore:
     """Buffers per-variant counts, flushes them on a timer, maps completion ids to variants, and
-    applies feedback. Started and closed by the Observer (close flushes what is left)."""
+    applies feedback. Started and closed by the Observer (close flushes what is left).
+    `redis`: the process's shared client, or a URL for a client of its own (`ab-report`), or
+    None/"" for process memory. `feedback`: model -> share of its completions that can be rated."""
 
     def __init__(
         self,
-        redis_url: str,
+        redis: SharedRedis | str | None,
         settings: ObservabilitySettings,
         *,
+        feedback: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.time,
         backend: AbBackend | None = None,
     ) -> None:
         self.settings, self._clock = settings, clock
+        self._feedback = dict(feedback or {})
+        self._own = SharedRedis(redis, RedisSettings()) if isinstance(redis, str) and redis else None
+        shared = self._own or (redis if isinstance(redis, SharedRedis) else None)
         self._backend: AbBackend = backend or (
-            RedisBackend(redis_url, settings) if redis_url else MemoryBackend(settings, clock)
+            RedisBackend(shared, settings) if shared is not None else MemoryBackend(settings, clock)
         )
         self._buffer: dict[int, dict[str, Fields]] = {}
         # completion id -> mapping, written with the counts on the next flush (no I/O per request)
@@ -157,6 +177,8 @@ class ExperimentStore:
             self._flusher = None
         await self.flush()
         await self._backend.close()
+        if self._own is not None:
+            await self._own.close()
 
     # -- the request path: memory only ---------------------------------------------------------------
     def record(self, sample: Sample) -> None:
@@ -166,8 +188,14 @@ class ExperimentStore:
             fields[name] = fields.get(name, 0.0) + value
 
     def remember(self, completion_id: Any, sample: Sample, principal: Principal) -> None:
-        """Map a completion id to its variant and receiver; written on the next flush."""
+        """Map a completion id to its variant and receiver, if its model collects feedback for
+        it; written on the next flush."""
         if not isinstance(completion_id, str) or not 0 < len(completion_id) <= 256:
+            return
+        if not feedback_sampled(completion_id, self._feedback.get(sample.model, 0.0)):
+            return
+        if len(self._ids) >= _MAX_IDS:
+            self.stats.mapping_errors += 1
             return
         self._ids[completion_id] = {
             "owner": owner_of(principal),
@@ -194,6 +222,9 @@ class ExperimentStore:
             async with asyncio.timeout(self._timeout_s):
                 await self._backend.apply(batch)
             self.stats.flushes += 1
+        except RedisUnavailable:  # not sent: kept for the next flush
+            for minute, pairs in batch.items():
+                self._buffer[minute] = _merged(pairs, self._buffer.get(minute, {}))
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.flush_errors += 1
             log.warning("A/B: flush failed, %d minute(s) of counts dropped: %r", len(batch), exc)
@@ -205,6 +236,8 @@ class ExperimentStore:
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._backend.remember_many(ids)
+        except RedisUnavailable:  # kept for the next flush (a batch written before is written again)
+            self._ids = ids | self._ids
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.mapping_errors += len(ids)
             log.warning("A/B: could not store %d completion id mapping(s): %r", len(ids), exc)
@@ -221,7 +254,8 @@ class ExperimentStore:
             ) from None
         if result == 0:
             raise errors.NotFound(
-                f"No completion with id '{fb.id[:100]}' can be rated.",
+                f"No completion with id '{fb.id[:100]}' can be rated (unknown, expired, or its model "
+                "does not collect feedback for it).",
                 param="id",
                 code="completion_not_found",
             )
@@ -257,58 +291,11 @@ class ExperimentStore:
         return out
 
 
-# -- `llm-gateway ab-report` -------------------------------------------------------------------------
-def control_of(variants: list[str]) -> str:
-    """The variant named 'control', else the first one configured."""
-    return "control" if "control" in variants else variants[0]
-
-
-async def _load(settings: Settings, since_s: float, model: str | None) -> dict[str, dict[str, Aggregate]]:
-    store = ExperimentStore(settings.redis_url, settings.observability)
-    try:
-        return await store.read(since_s, model)
-    finally:
-        await store.close()
-
-
-def build_reports(
-    settings: Settings, data: dict[str, dict[str, Aggregate]], model: str | None
-) -> dict[str, Any]:
-    """One report per experiment: configured variants first (in config order), then any others seen."""
-    names = [model] if model else [*settings.models, *(m for m in data if m not in settings.models)]
-    reports: dict[str, Any] = {}
-    for name in names:
-        seen = data.get(name, {})
-        configured = [v.name for v in settings.models[name].variants] if name in settings.models else []
-        order = [*configured, *sorted(v for v in seen if v not in configured)]
-        if not order:
-            continue
-        variants = {v: seen.get(v, Aggregate()) for v in order}
-        reports[name] = experiment_report(variants, control_of(order))
-    return reports
-
-
-def ab_report(settings: Settings, *, model: str | None, since_s: float, window: str, as_json: bool) -> int:
-    if not settings.redis_url:
-        print(
-            "ab-report reads the A/B aggregates from Redis: set redis_url (without it they live only "
-            "inside the gateway process)",
-            file=sys.stderr,
-        )
-        return 2
-    if model is not None and model not in settings.models:
-        print(f"ab-report: unknown model {model!r} (known: {', '.join(settings.models)})", file=sys.stderr)
-        return 2
-    try:
-        data = asyncio.run(_load(settings, since_s, model))
-    except (RedisError, OSError, TimeoutError) as exc:
-        print(f"ab-report: cannot read Redis: {exc}", file=sys.stderr)
-        return 1
-    reports = build_reports(settings, data, model)
-    if as_json:
-        print(
-            orjson.dumps({"window_s": since_s, "experiments": reports}, option=orjson.OPT_INDENT_2).decode()
-        )
-    else:
-        print(render_text(reports, window))
-    return 0
+def _merged(older: dict[str, Fields], newer: dict[str, Fields]) -> dict[str, Fields]:
+    """Two buffers of one minute added together."""
+    out = {pair: dict(fields) for pair, fields in older.items()}
+    for pair, fields in newer.items():
+        into = out.setdefault(pair, {})
+        for name, value in fields.items():
+            into[name] = into.get(name, 0.0) + value
+    return out

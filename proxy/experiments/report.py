@@ -1,16 +1,21 @@
 """The statistics behind `llm-gateway ab-report`: pure functions over per-variant aggregates.
 
 Rates get Wilson 95% intervals and a two-proportion z-test against control; means (feedback,
-tokens/s) a normal-approximation interval and Welch's t-test; percentiles come from log-spaced
-histogram buckets (20 per decade, so an estimate is within ~6% of the true value) with a
-distribution-free interval from the binomial ranks. Significance: p < 0.05. No I/O here.
+tokens/s per request) a Student-t interval kept inside the values a mean can take, and Welch's
+t-test; percentiles come from log-spaced histogram buckets (20 per decade, so an estimate is within
+~6% of the true value) with a distribution-free interval from the binomial ranks. Significance:
+p < 0.05. No I/O here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.settings import Settings
 
 Z95 = 1.959963984540054
 ALPHA = 0.05
@@ -94,12 +99,35 @@ class Moments:
         return max(0.0, (self.squares - self.total * self.total / self.n) / (self.n - 1))
 
 
-def mean_interval(m: Moments, z: float = Z95) -> tuple[float, float] | None:
-    """Normal-approximation interval of the mean."""
+Bounds = tuple[float, float]
+UNBOUNDED: Bounds = (-math.inf, math.inf)
+
+
+def mean_interval(m: Moments, bounds: Bounds = UNBOUNDED) -> tuple[float, float] | None:
+    """95% Student-t interval of the mean (n - 1 degrees of freedom), cut to `bounds`.
+
+    The t quantile, not the normal one: with the few requests a variant may have, 1.96 makes the
+    interval too narrow (n = 5: 2.78). Cutting at what the mean can be (tokens/s >= 0, a feedback
+    scale's ends) removes only values the true mean cannot take, so coverage is unchanged; a skewed
+    sample (a few very fast short answers) otherwise puts the lower end below zero."""
     if m.mean is None or m.variance is None:
         return None
-    half = z * math.sqrt(m.variance / m.n)
-    return m.mean - half, m.mean + half
+    half = t_critical(m.n - 1) * math.sqrt(m.variance / m.n)
+    low, high = bounds
+    return max(low, m.mean - half), min(high, m.mean + half)
+
+
+def t_critical(df: float) -> float:
+    """Student's t two-sided 95% critical value, P(|T| >= t) = 0.05, by bisection on the CDF."""
+    if df > 1e6:  # within 1e-6 of the normal value
+        return Z95
+    low, high = Z95, 2 * Z95
+    while student_t_two_sided(high, df) > ALPHA:
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if student_t_two_sided(mid, df) > ALPHA else (low, mid)
+    return (low + high) / 2
 
 
 def welch_p(a: Moments, b: Moments) -> float | None:
@@ -188,11 +216,20 @@ def quantile(hist: dict[int, int], q: float) -> tuple[float, float, float] | Non
 # -- the report ----------------------------------------------------------------------------------------
 RATES = (("error_rate", "err"), ("block_rate", "blk"), ("cache_hit_rate", "hit"), ("disconnect_rate", "disc"))
 MEANS = (("tokens_per_s", "tps"), ("feedback", "fb"))
+FEEDBACK_SCALES: dict[str, Bounds] = {"thumbs": (-1.0, 1.0), "stars": (0.0, 5.0)}
+
+
+def feedback_range(scale: str) -> Bounds:
+    """The scores a feedback scale allows (observability.feedback_scale)."""
+    return FEEDBACK_SCALES[scale]
+
+
 PERCENTILES = (("ttft", "ttft"), ("latency", "lat"))
 
 
-def variant_stats(agg: Aggregate, control: Aggregate | None) -> dict[str, Any]:
+def variant_stats(agg: Aggregate, control: Aggregate | None, feedback: Bounds = UNBOUNDED) -> dict[str, Any]:
     """Every figure for one variant; `control` None means this variant is the control."""
+    bounds = {"tokens_per_s": (0.0, math.inf), "feedback": feedback}
     n = agg.get("n")
     out: dict[str, Any] = {
         "requests": int(n),
@@ -211,14 +248,23 @@ def variant_stats(agg: Aggregate, control: Aggregate | None) -> dict[str, Any]:
         out[name] = _with_verdict(entry)
     for name, key in MEANS:
         m = _moments(agg, key)
-        entry = {"n": int(m.n), "mean": m.mean, "ci": mean_interval(m)}
+        entry = {"n": int(m.n), "mean": m.mean, "ci": mean_interval(m, bounds[name])}
         if control is not None:
             entry["p"] = welch_p(_moments(control, key), m)
         out[name] = _with_verdict(entry)
     for name, attr in PERCENTILES:
         hist = getattr(agg, attr)
-        out[name] = {"n": sum(hist.values()), **{f"p{int(q * 100)}": quantile(hist, q) for q in (0.5, 0.95)}}
+        out[name] = {
+            "n": sum(hist.values()),
+            **{f"p{int(q * 100)}": quantile(hist, q) for q in (0.5, 0.95)},
+            "histogram": histogram(hist),
+        }
     return out
+
+
+def histogram(hist: dict[int, int]) -> list[list[float]]:
+    """The non-empty buckets, fastest first, as [lower_s, upper_s, count]: the distribution itself."""
+    return [[bucket_upper(i - 1) if i else 0.0, bucket_upper(i), hist[i]] for i in sorted(hist) if hist[i]]
 
 
 def _moments(agg: Aggregate, key: str) -> Moments:
@@ -231,15 +277,63 @@ def _with_verdict(entry: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def experiment_report(variants: dict[str, Aggregate], control: str) -> dict[str, Any]:
+def experiment_report(
+    variants: dict[str, Aggregate], control: str, feedback: Bounds = UNBOUNDED
+) -> dict[str, Any]:
     """{control, variants: {name: stats}}; the control's own stats carry no p-values."""
     base = variants.get(control)
     return {
         "control": control,
         "variants": {
-            name: variant_stats(agg, None if name == control else base) for name, agg in variants.items()
+            name: variant_stats(agg, None if name == control else base, feedback)
+            for name, agg in variants.items()
         },
     }
+
+
+def control_of(variants: list[str]) -> str:
+    """The variant named 'control', else the first one configured."""
+    return "control" if "control" in variants else variants[0]
+
+
+def build_reports(
+    configured: Mapping[str, list[str]],
+    data: Mapping[str, Mapping[str, Aggregate]],
+    model: str | None,
+    *,
+    include_all: bool = False,
+    feedback: Bounds = UNBOUNDED,
+) -> dict[str, Any]:
+    """One report per experiment (`configured`: model -> its variants, in config order), with the
+    configured variants only; `include_all` adds the models and variants seen in `data` that the
+    config no longer has (old experiments, other deployments sharing the Redis prefix)."""
+    names = [model] if model else [*configured, *(m for m in data if include_all and m not in configured)]
+    reports: dict[str, Any] = {}
+    for name in names:
+        seen = data.get(name, {})
+        order = list(configured.get(name, ()))
+        if include_all:
+            order += sorted(v for v in seen if v not in order)
+        if order:
+            variants = {v: seen.get(v, Aggregate()) for v in order}
+            reports[name] = experiment_report(variants, control_of(order), feedback)
+    return reports
+
+
+def report_document(
+    settings: Settings,
+    data: Mapping[str, Mapping[str, Aggregate]],
+    window_s: int,
+    model: str | None = None,
+    *,
+    include_all: bool = False,
+) -> dict[str, Any]:
+    """What `ab-report --json` prints and the console's /console/api/experiments returns (one
+    function, so the two cannot disagree): {window_s, experiments: {model: report}}."""
+    configured = {name: [v.name for v in m.variants] for name, m in settings.models.items()}
+    feedback = feedback_range(settings.observability.feedback_scale)
+    reports = build_reports(configured, data, model, include_all=include_all, feedback=feedback)
+    return {"window_s": window_s, "experiments": reports}
 
 
 # -- rendering ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Where the A/B aggregates and completion-id records live: Redis (shared by replicas) or process
-memory (no redis_url). The layout is documented in proxy/experiments/aggregates.py; the logic lives there too.
+"""Where the A/B aggregates and completion-id records live: Redis (shared by replicas, through the
+process's shared client and its breaker) or process memory (no redis_url). The layout is documented
+in proxy/experiments/aggregates.py; the logic lives there too.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import orjson
-import redis.asyncio as aioredis
 
+from proxy.redis import SharedRedis
 from proxy.settings import ObservabilitySettings
 
 Fields = dict[str, float]
@@ -143,15 +144,12 @@ return #KEYS
 
 
 class RedisBackend:
-    """The layout in Redis; this object owns its connection pool."""
+    """The layout in Redis, over the shared client (owned by the caller). Every call goes through
+    its breaker: while Redis is considered down a call raises RedisUnavailable without being sent."""
 
-    def __init__(self, url: str, settings: ObservabilitySettings) -> None:
+    def __init__(self, redis: SharedRedis, settings: ObservabilitySettings) -> None:
         self._settings, self._prefix = settings, settings.ab_prefix
-        timeout = settings.ab_redis_timeout_s
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=16, timeout=timeout, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        self._redis = aioredis.Redis(connection_pool=self._pool, decode_responses=False)
+        self._shared, self._redis = redis, redis.client
         self._rate_script = self._redis.register_script(_RATE_LUA)
         self._remember_script = self._redis.register_script(_REMEMBER_LUA)
 
@@ -171,7 +169,8 @@ class RedisBackend:
                 else:
                     pipe.hincrbyfloat(key, name, value)
             pipe.expire(key, self._settings.ab_retention_s)
-        await pipe.execute()
+        with self._shared.guard():
+            await pipe.execute()
 
     async def read(self, minutes: range) -> list[dict[str, float]]:
         out: list[dict[str, float]] = []
@@ -180,7 +179,9 @@ class RedisBackend:
             pipe = self._redis.pipeline(transaction=False)
             for key in keys[start : start + _READ_BATCH]:
                 pipe.hgetall(key)
-            for raw in await pipe.execute():
+            with self._shared.guard():
+                replies = await pipe.execute()
+            for raw in replies:
                 out.append({k.decode(): float(v) for k, v in raw.items()})
         return out
 
@@ -194,10 +195,12 @@ class RedisBackend:
             keys = [self._cid_key(cid) for cid, _ in batch]
             args: list[bytes | int] = [self._settings.feedback_ttl_s]
             args += [orjson.dumps(record) for _, record in batch]
-            await self._remember_script(keys=keys, args=args)
+            with self._shared.guard():
+                await self._remember_script(keys=keys, args=args)
 
     async def lookup(self, cid: str) -> dict[str, str] | None:
-        raw = await self._redis.hgetall(self._cid_key(cid))
+        with self._shared.guard():
+            raw = await self._redis.hgetall(self._cid_key(cid))
         return {_text(k): _text(v) for k, v in raw.items()} or None
 
     async def rate(
@@ -205,11 +208,11 @@ class RedisBackend:
     ) -> int:
         keys = [self._cid_key(cid), self.minute_key(minute)]
         args: list[str | int] = [owner, repr(score), comment or "", prefix, self._settings.ab_retention_s]
-        return int(await self._rate_script(keys=keys, args=args))
+        with self._shared.guard():
+            return int(await self._rate_script(keys=keys, args=args))
 
     async def close(self) -> None:
-        await self._redis.aclose()
-        await self._pool.aclose()
+        return None
 
 
 def _text(value: bytes | str) -> str:

@@ -9,7 +9,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.experiments.store import RedisBackend
-from proxy.settings import ObservabilitySettings
+from proxy.redis import SharedRedis
+from proxy.settings import ObservabilitySettings, RedisSettings
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -17,9 +18,11 @@ REDIS = "redis://127.0.0.1:6379/0"
 @pytest.fixture
 async def backend() -> AsyncIterator[RedisBackend]:
     prefix = f"test-ab-{time.time_ns()}"
-    store = RedisBackend(REDIS, ObservabilitySettings(ab_prefix=prefix, feedback_ttl_s=120))
+    shared = SharedRedis(REDIS, RedisSettings())
+    store = RedisBackend(shared, ObservabilitySettings(ab_prefix=prefix, feedback_ttl_s=120))
     yield store
     await store.close()
+    await shared.close()
     client = aioredis.Redis.from_url(REDIS)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
     if keys:

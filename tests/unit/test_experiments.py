@@ -48,8 +48,9 @@ def _sample(**kw: Any) -> Sample:
     return Sample(**{**base, **kw})
 
 
-def _store(clock: Clock, **settings: Any) -> ExperimentStore:
-    return ExperimentStore("", ObservabilitySettings(**settings), clock=clock)
+def _store(clock: Clock, feedback: float = 1.0, **settings: Any) -> ExperimentStore:
+    """A store in process memory where `feedback` of model "assistant"'s completions can be rated."""
+    return ExperimentStore("", ObservabilitySettings(**settings), feedback={"assistant": feedback}, clock=clock)
 
 
 def _body(**kw: Any) -> bytes:
@@ -212,8 +213,10 @@ async def test_ids_that_cannot_be_keys_are_not_mapped() -> None:
 
 # -- the Observer feeds the store ---------------------------------------------------------------------
 async def test_observer_records_a_finished_call_and_maps_its_completion() -> None:
-    observer = Observer(ObservabilitySettings(log_format="json"), multiprocess_mode=False)
-    await observer.start(SimpleNamespace(), "")  # type: ignore[arg-type]
+    settings = ObservabilitySettings(log_format="json")
+    observer = Observer(settings, multiprocess_mode=False)
+    store = ExperimentStore("", settings, feedback={"assistant": 1.0})
+    await observer.start(SimpleNamespace(), store)  # type: ignore[arg-type]
     alice = _principal("alice")
     call = Call(
         request_id="req_1",

@@ -11,12 +11,15 @@ from proxy.experiments.report import (
     Moments,
     bucket_of,
     bucket_upper,
+    build_reports,
     experiment_report,
+    feedback_range,
     incomplete_beta,
     mean_interval,
     quantile,
     render_text,
     student_t_two_sided,
+    t_critical,
     two_proportion_p,
     value_at_rank,
     welch_p,
@@ -107,12 +110,41 @@ def test_welch_by_hand() -> None:
     assert welch_p(_moments([1.0]), b) is None
 
 
+@pytest.mark.parametrize(
+    ("df", "published"),  # two-sided 95% critical values of Student's t (any statistics table)
+    [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423), (120, 1.9799), (1e7, 1.9600)],
+)
+def test_t_critical_matches_the_table(df: float, published: float) -> None:
+    assert t_critical(df) == pytest.approx(published, abs=1e-4)
+
+
 def test_mean_interval_by_hand() -> None:
     m = _moments([1, 2, 3, 4, 5])
     assert m.mean == 3 and m.variance == pytest.approx(2.5)
-    low, high = mean_interval(m)  # 3 -/+ 1.96 * sqrt(2.5 / 5)
-    assert (low, high) == pytest.approx((3 - Z * math.sqrt(0.5), 3 + Z * math.sqrt(0.5)))
+    low, high = mean_interval(m)  # 3 -/+ t(0.975, 4 df) * sqrt(2.5 / 5) = 3 -/+ 2.7764 * 0.70711
+    assert (low, high) == pytest.approx((3 - 1.963243, 3 + 1.963243), abs=1e-4)
     assert mean_interval(_moments([4.0])) is None
+
+
+def test_mean_interval_of_a_skewed_rate_stays_possible() -> None:
+    # tokens/s of three answers: two long ones and one 2-token answer in 1 ms (the shape behind an
+    # interval like "1067.59 [-68.76, 2203.93]"): a mean of rates cannot be negative
+    m = _moments([40.0, 55.0, 2000.0])
+    low, high = mean_interval(m, (0.0, math.inf))
+    half = 4.3027 * math.sqrt(m.variance / 3)  # t on 2 df, wider than 1.96 would make it
+    assert low == 0.0 and high == pytest.approx(m.mean + half, rel=1e-4)
+    assert mean_interval(m)[0] < 0  # unbounded, the same sample reaches below zero
+    low, high = mean_interval(_moments([1.0, 1.0, 0.9, 1.0]), (-1.0, 1.0))  # a thumbs feedback mean
+    assert high == 1.0 and -1.0 <= low < 1.0
+
+
+def test_feedback_interval_is_cut_to_the_scale() -> None:
+    fb = _agg(n=3, fb_n=3, fb_s=3.0 + 3.0 + 4.0, fb_q=9.0 + 9.0 + 16.0, tps_n=2, tps_s=11.0, tps_q=101.0)
+    stats = experiment_report({"control": fb}, "control", feedback_range("stars"))["variants"]["control"]
+    low, high = stats["feedback"]["ci"]
+    assert 0.0 <= low and high <= 5.0
+    tps = stats["tokens_per_s"]["ci"]  # values 1 and 10 on 1 df: 5.5 -/+ 12.706 * 4.5
+    assert tps == pytest.approx([0.0, 5.5 + 12.7062 * 4.5], abs=1e-3)
 
 
 # -- histogram percentiles ---------------------------------------------------------------------------------
@@ -205,3 +237,22 @@ def test_render_text_marks_significant_differences() -> None:
     assert "1.00% [0.54%, 1.83%]" in error_line and error_line.endswith("*")
     assert "p<0.001" in error_line
     assert any(line.strip().startswith("requests") and "1000" in line for line in lines)
+
+
+# -- which experiments are reported ---------------------------------------------------------------------
+def test_reports_show_only_configured_models_and_variants_unless_all() -> None:
+    configured = {"assistant": ["control", "candidate"], "new": ["control"]}
+    data = {
+        "assistant": {"control": _agg(n=5), "candidate": _agg(n=4), "left-by-tests": _agg(n=9)},
+        "retired": {"control": _agg(n=7)},
+    }
+    reports = build_reports(configured, data, None)
+    assert list(reports) == ["assistant", "new"]
+    assert list(reports["assistant"]["variants"]) == ["control", "candidate"]
+    assert reports["new"]["variants"]["control"]["requests"] == 0  # configured, no traffic yet
+    everything = build_reports(configured, data, None, include_all=True)
+    assert list(everything) == ["assistant", "new", "retired"]
+    assert list(everything["assistant"]["variants"]) == ["control", "candidate", "left-by-tests"]
+    assert list(build_reports(configured, data, "assistant")) == ["assistant"]
+    assert build_reports(configured, data, "retired") == {}
+    assert list(build_reports(configured, data, "retired", include_all=True)["retired"]["variants"]) == ["control"]
