@@ -1,8 +1,10 @@
 """The contract every model server speaks to the pipeline, and the one error type it raises.
 
 A backend takes an already validated, allow-listed OpenAI chat request body (a dict whose
-"model" is the backend's own model name) and returns OpenAI-shaped dicts. Client-library errors
-(aiohttp, llama.cpp, litellm) are translated into BackendError here, at the seam, exactly once.
+"model" is the backend's own model name) and returns OpenAI-shaped dicts. A legacy completions
+request is the same form marked RAW_PROMPT, and its answer comes back as chat chunks too.
+Client-library errors (aiohttp, llama.cpp, litellm) are translated into BackendError here, at the
+seam, exactly once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,18 @@ from typing import Any, Protocol, runtime_checkable
 
 Body = dict[str, Any]
 Chunk = dict[str, Any]
+# Body key set (True) only by the gateway's /v1/completions translator: the last message's text is a
+# raw prompt for the model's completions endpoint, sent without the chat template. A client body
+# cannot carry it (the chat allow-list has no such field).
+RAW_PROMPT = "raw_prompt"
+
+
+def raw_prompt(body: Body) -> str | None:
+    """The raw prompt of a legacy completions request (the last message's text), or None for chat."""
+    if not body.get(RAW_PROMPT):
+        return None
+    content = body["messages"][-1].get("content")
+    return content if isinstance(content, str) else ""
 
 
 class ErrorKind(enum.Enum):
@@ -106,3 +120,17 @@ class Backend(Protocol):
 
     def count_tokens(self, messages: list[Any]) -> int | None:
         """Prompt tokens by the backend's own tokenizer when it has one locally, else None."""
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A backend kind that can serve `/v1/embeddings`. Optional: the embeddings stages skip the
+    backends that are not one (the embedded llama.cpp chat model: llama.cpp embeds only with a
+    model instance created for it)."""
+
+    name: str
+    model: str
+
+    async def embeddings(self, body: Body) -> Body:
+        """An OpenAI embeddings body (`model` the backend's own) -> its `list` of embeddings with
+        `usage`. Raises BackendError as `stream()` does (no retry inside)."""

@@ -1,5 +1,8 @@
 """A non-streaming answer built from a stream: every backend answers JSON requests this way, so
 one set of deadlines (connect, first token, idle between chunks, whole request) bounds both kinds.
+The fold is also how the cache turns a stored stream into a JSON answer (proxy/cache/replay.py).
+Reasoning text keeps the field name the server used (`reasoning` or `reasoning_content`), tool
+calls their id, type, name and arguments joined in order.
 
 A server that accepts a request and never answers is found out after the first-token deadline
 instead of the whole-request one, and a failure before the answer is complete is still a failure
@@ -12,13 +15,15 @@ from typing import Any
 
 from backends.base import BackendError, Body, Chunk, ChunkStream, ErrorKind
 
+REASONING_FIELDS = ("reasoning", "reasoning_content")  # vLLM's name, and the older one
+
 
 class _Choice:
     __slots__ = ("content", "finish_reason", "logprobs", "reasoning", "refusal", "stop_reason", "tools")
 
     def __init__(self) -> None:
         self.content: list[str] = []
-        self.reasoning: list[str] = []
+        self.reasoning: dict[str, list[str]] = {}  # by the field name the upstream used
         self.refusal: list[str] = []
         self.tools: dict[int, dict[str, Any]] = {}
         self.logprobs: list[Any] | None = None
@@ -31,8 +36,8 @@ class _Choice:
                 continue
             if key == "content":
                 self.content.append(value)
-            elif key in ("reasoning_content", "reasoning"):
-                self.reasoning.append(value)
+            elif key in REASONING_FIELDS:
+                self.reasoning.setdefault(key, []).append(value)
             elif key == "refusal":
                 self.refusal.append(value)
             elif key == "tool_calls":
@@ -53,6 +58,8 @@ class _Choice:
         )
         if call.get("id"):
             slot["id"] = call["id"]
+        if call.get("type"):
+            slot["type"] = call["type"]
         function = call.get("function") or {}
         if function.get("name"):
             slot["function"]["name"] += function["name"]
@@ -64,8 +71,8 @@ class _Choice:
         if self.tools:
             message["tool_calls"] = [_tool_call(t) for _, t in sorted(self.tools.items())]
             message["content"] = message["content"] or None
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
+        for name, parts in self.reasoning.items():  # as sent: a server that sends both names
+            message[name] = "".join(parts)  # (the same text twice) gets both back
         if self.refusal:
             message["refusal"] = "".join(self.refusal)
         out: dict[str, Any] = {

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from backends.base import REFUSALS, BackendError, Body, Chunk, ErrorKind
+from backends.base import REFUSALS, BackendError, Body, Chunk, ErrorKind, raw_prompt
 
 # The allow-listed request fields litellm receives; it maps them per provider and refuses the
 # ones a provider lacks (UnsupportedParamsError -> BAD_REQUEST) rather than dropping them silently.
@@ -200,6 +200,10 @@ class LiteLLMBackend:
         self._lm.in_memory_llm_clients_cache.flush_cache()
 
     def _kwargs(self, body: Body, *, stream: bool) -> dict[str, Any]:
+        if raw_prompt(body) is not None:  # a legacy completion must not be sent as a chat turn
+            raise BackendError(
+                ErrorKind.BAD_REQUEST, "This model's backend does not serve legacy completions.", status=400
+            )
         kwargs = {k: body[k] for k in _PASSED if body.get(k) is not None}
         if stream:
             kwargs |= {"stream": True, "stream_options": body.get("stream_options")}
@@ -220,10 +224,10 @@ class LiteLLMBackend:
         return self._lm
 
     async def chat(self, body: Body) -> Body:
-        lm = self._started()
+        lm, kwargs = self._started(), self._kwargs(body, stream=False)
         try:
             async with asyncio.timeout(self._s.request_timeout_s):
-                resp = await lm.acompletion(**self._kwargs(body, stream=False))
+                resp = await lm.acompletion(**kwargs)
         except TimeoutError:
             raise BackendError(ErrorKind.TIMEOUT, "The model server timed out.") from None
         except Exception as exc:
@@ -231,11 +235,11 @@ class LiteLLMBackend:
         return dict(_tidy(resp.model_dump()))
 
     async def stream(self, body: Body) -> LiteLLMChunkStream:
-        lm = self._started()
+        lm, kwargs = self._started(), self._kwargs(body, stream=True)
         deadline = asyncio.get_running_loop().time() + self._s.first_token_timeout_s
         try:
             async with asyncio.timeout_at(deadline):
-                raw = await lm.acompletion(**self._kwargs(body, stream=True))
+                raw = await lm.acompletion(**kwargs)
         except TimeoutError:
             raise BackendError(ErrorKind.TIMEOUT, "The model server timed out before answering.") from None
         except Exception as exc:

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import importlib.util
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ import jinja2
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from backends.base import BackendError, Body, Chunk, ErrorKind
+from backends.base import BackendError, Body, Chunk, ErrorKind, raw_prompt
 from backends.collect import collect, with_usage
 
 log = logging.getLogger("llm_gateway.llamacpp")
@@ -136,10 +137,17 @@ def _response_format(fmt: Any) -> dict[str, Any] | None:
 
 
 def _generation_kwargs(body: Body, messages: list[dict[str, str]], n_vocab: int) -> dict[str, Any]:
-    """The allow-listed request fields in llama-cpp-python's names, with OpenAI's defaults."""
+    """The allow-listed request fields in llama-cpp-python's names, with OpenAI's defaults; a
+    legacy completions request's raw prompt as `prompt` (create_completion) instead of `messages`."""
     if body.get("n", 1) != 1:
         raise _bad("this model supports only n=1", "n")
-    kw: dict[str, Any] = {"messages": messages, "temperature": 1.0, "top_p": 1.0}
+    prompt = raw_prompt(body)
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _bad("this model does not return logprobs", "logprobs")
+    if body.get("tools") and body.get("tool_choice") != "none":
+        raise _bad("this model does not call tools; send the request without tools", "tools")
+    kw: dict[str, Any] = {"messages": messages} if prompt is None else {"prompt": prompt}
+    kw |= {"temperature": 1.0, "top_p": 1.0}
     kw.update({k: body[k] for k in _PASSED if body.get(k) not in (None, [], "")})
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     repeat = body.get("repeat_penalty", body.get("repetition_penalty"))
@@ -254,10 +262,14 @@ class LlamaCppBackend:
         if not path.is_file():
             raise ModelLoadError(f"backend {self.name!r}: model file {path} does not exist")
         threads = {"n_threads": s.threads, "n_threads_batch": s.threads}
+        size_mb = path.stat().st_size / 1e6
+        print(f"llama.cpp: loading {path.name} ({size_mb:.0f} MB) for {self.name!r} ...", file=sys.stderr)
+        started = time.perf_counter()
         try:
             llm = await asyncio.to_thread(_Model, str(path), n_ctx=s.context, verbose=False, **threads)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"backend {self.name!r}: cannot load {path}: {exc}") from None
+        print(f"llama.cpp: {path.name} loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         self._formatter = self._chat_formatter(llm)
         llm.chat_handler = self._formatter.to_chat_handler()  # the one count_tokens uses: exact usage
         self._llm = llm
@@ -314,6 +326,10 @@ class LlamaCppBackend:
             raise _bad(f"the model's chat template refused the messages: {exc}", "messages") from None
         return len(self._model().tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
+    def _count_raw(self, prompt: str) -> int:
+        """Tokens of a raw prompt as create_completion reads it (BOS added, special tokens parsed)."""
+        return len(self._model().tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+
     def _model(self) -> _Model:
         if self._llm is None:
             raise BackendError(ErrorKind.CONNECT, f"backend {self.name!r} is not running")
@@ -325,10 +341,14 @@ class LlamaCppBackend:
     async def stream(self, body: Body) -> LlamaCppStream:
         messages = _messages(body.get("messages") or [])
         kwargs = _generation_kwargs(body, messages, self._model().n_vocab())
-        prompt_tokens, context = self._count(messages), self._settings.context
+        if "prompt" in kwargs:  # legacy completions: the raw prompt, without the chat template
+            prompt_tokens, what = self._count_raw(kwargs["prompt"]), "prompt"
+        else:
+            prompt_tokens, what = self._count(messages), "messages"
+        context = self._settings.context
         if prompt_tokens >= context:
-            msg = f"the messages have {prompt_tokens} tokens; this model's context is {context} tokens"
-            raise _bad(msg, "messages")
+            msg = f"{prompt_tokens} tokens in the {what}; this model's context is {context} tokens"
+            raise _bad(msg, what)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         stream = LlamaCppStream(kwargs, self.model, prompt_tokens, include_usage)
         self._submit(stream)
@@ -359,13 +379,16 @@ class LlamaCppBackend:
             return  # cancelled while it waited: never start
         llm = self._model()
         llm.arm(job.cancel)
+        raw = "prompt" in job.kwargs  # legacy completions: text chunks, not chat deltas
         try:
-            chunks = llm.create_chat_completion(stream=True, **job.kwargs)
+            create = llm.create_completion if raw else llm.create_chat_completion
+            chunks = create(stream=True, **job.kwargs)
             assert isinstance(chunks, Generator)
             try:
                 for chunk in chunks:
-                    choice = chunk["choices"][0]
-                    content, finish_reason = choice["delta"].get("content") or "", choice["finish_reason"]
+                    choice: Any = chunk["choices"][0]
+                    content = (choice["text"] if raw else choice["delta"].get("content")) or ""
+                    finish_reason = choice["finish_reason"]
                     if content or finish_reason:
                         job.put((content, finish_reason))
             finally:
@@ -374,7 +397,7 @@ class LlamaCppBackend:
         except _Cancelled:
             return
         except ValueError as exc:  # llama.cpp's way to refuse input (context overflow, template)
-            end = _bad(f"the local model refused the request: {exc}", "messages")
+            end = _bad(f"the local model refused the request: {exc}", "prompt" if raw else "messages")
         except Exception as exc:
             log.error("llama.cpp generation failed: %s", type(exc).__name__)
             end = BackendError(ErrorKind.UPSTREAM_5XX, "the local model failed while generating")

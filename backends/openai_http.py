@@ -8,14 +8,15 @@ creates its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 
-from backends.base import REFUSALS, BackendError, Body, Chunk, ErrorKind
+from backends.base import RAW_PROMPT, REFUSALS, BackendError, Body, Chunk, ErrorKind
 from backends.collect import CompletionBuilder, before_first_byte, with_usage
+from backends.text_completion import chat_chunk, completion_body
 
 
 def _status_error(status: int, raw: bytes) -> BackendError:
@@ -30,26 +31,34 @@ def _status_error(status: int, raw: bytes) -> BackendError:
         return BackendError(
             ErrorKind.REFUSED, f"The model server refused the gateway ({status}).", status=status
         )
-    message = "The model server rejected the request."
+    message, param = "The model server rejected the request.", None
     try:
         data = orjson.loads(raw)
         err = data.get("error", data) if isinstance(data, dict) else {}
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             message = err["message"][:500]
+            param = err.get("param") if isinstance(err.get("param"), str) else None
     except orjson.JSONDecodeError:
         pass
-    return BackendError(ErrorKind.BAD_REQUEST, message, status=status)
+    return BackendError(ErrorKind.BAD_REQUEST, message, status=status, param=param)
 
 
 class SSEChunkStream:
     """Decodes an upstream SSE body into chunk dicts. The first chunk must arrive by
     `first_deadline`, later ones within `idle_timeout` of each other, and the last by `deadline`
-    (the whole request's; all on the loop's clock)."""
+    (the whole request's; all on the loop's clock). `convert`: how a chunk of another wire
+    (legacy completions) becomes a chat chunk; it raises ValueError for one it cannot read."""
 
     def __init__(
-        self, resp: aiohttp.ClientResponse, first_deadline: float, idle_timeout: float, deadline: float
+        self,
+        resp: aiohttp.ClientResponse,
+        first_deadline: float,
+        idle_timeout: float,
+        deadline: float,
+        convert: Callable[[Chunk], Chunk] | None = None,
     ) -> None:
         self._resp = resp
+        self._convert = convert
         self._first_deadline = first_deadline
         self._idle = idle_timeout
         self._deadline = deadline
@@ -136,7 +145,12 @@ class SSEChunkStream:
             raise self._error(ErrorKind.PROTOCOL, "The model server sent an invalid chunk.")
         if "error" in chunk or chunk.get("object") == "error":
             raise self._error(ErrorKind.UPSTREAM_5XX, "The model server failed mid-stream.")
-        return chunk
+        if self._convert is None:
+            return chunk
+        try:
+            return self._convert(chunk)
+        except (TypeError, ValueError):
+            raise self._error(ErrorKind.PROTOCOL, "The model server sent an invalid chunk.") from None
 
     async def aclose(self) -> None:
         await self._iter.aclose()
@@ -171,7 +185,8 @@ def _sse_data(event: bytes) -> bytes | None:
 
 
 class OpenAIHTTPBackend:
-    """Chat completions against `<url>/v1/chat/completions`."""
+    """Chat completions against `<url>/v1/chat/completions`; raw prompts (legacy completions)
+    against `<url>/v1/completions`, embeddings against `<url>/v1/embeddings`."""
 
     def __init__(self, name: str, settings: Any, session: aiohttp.ClientSession) -> None:
         self.name = name
@@ -181,6 +196,8 @@ class OpenAIHTTPBackend:
         self._s = settings
         self._session = session
         self._url = f"{settings.url}/v1/chat/completions"
+        self._completions_url = f"{settings.url}/v1/completions"
+        self._embeddings_url = f"{settings.url}/v1/embeddings"
         self._headers = {"content-type": "application/json"}
         if settings.api_key:
             self._headers["authorization"] = f"Bearer {settings.api_key}"
@@ -194,13 +211,13 @@ class OpenAIHTTPBackend:
     async def close(self) -> None:
         return None
 
-    async def _post(self, data: bytes, limits: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+    async def _post(self, url: str, data: bytes, limits: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
         """POST once more when a pooled keep-alive connection turns out to be dead: the server
         closed it while idle, so the request never reached it and resending is safe."""
         try:
-            return await self._session.post(self._url, data=data, headers=self._headers, timeout=limits)
+            return await self._session.post(url, data=data, headers=self._headers, timeout=limits)
         except aiohttp.ServerDisconnectedError:
-            return await self._session.post(self._url, data=data, headers=self._headers, timeout=limits)
+            return await self._session.post(url, data=data, headers=self._headers, timeout=limits)
 
     async def chat(self, body: Body) -> Body:
         return await (await self.stream(with_usage(body))).collect()
@@ -211,9 +228,19 @@ class OpenAIHTTPBackend:
         of it to the request deadline)."""
         now = asyncio.get_running_loop().time()
         first_deadline, deadline = now + self._s.first_token_timeout_s, now + self._s.request_timeout_s
+        url, convert = self._url, None
+        if body.get(RAW_PROMPT):  # a legacy completions request: the raw prompt, no chat template
+            url, body, convert = self._completions_url, completion_body(body), chat_chunk
+        resp = await self._open(url, orjson.dumps(body), self._stream_timeout, min(first_deadline, deadline))
+        return SSEChunkStream(resp, first_deadline, self._s.idle_timeout_s, deadline, convert)
+
+    async def _open(
+        self, url: str, data: bytes, limits: aiohttp.ClientTimeout, due: float
+    ) -> aiohttp.ClientResponse:
+        """POST and read the response head by `due` (loop time); a non-2xx is a BackendError."""
         try:
-            async with asyncio.timeout_at(min(first_deadline, deadline)):
-                resp = await self._post(orjson.dumps(body), self._stream_timeout)
+            async with asyncio.timeout_at(due):
+                resp = await self._post(url, data, limits)
         except TimeoutError:
             raise BackendError(ErrorKind.TIMEOUT, "The model server timed out before answering.") from None
         except (aiohttp.ClientError, ConnectionError) as exc:
@@ -227,7 +254,25 @@ class OpenAIHTTPBackend:
             finally:
                 resp.release()
             raise _status_error(resp.status, raw)
-        return SSEChunkStream(resp, first_deadline, self._s.idle_timeout_s, deadline)
+        return resp
+
+    async def embeddings(self, body: Body) -> Body:
+        """POST /v1/embeddings, the whole answer by the request deadline (its first byte by the
+        first-token one). Not retried here: the pool's walk decides."""
+        now = asyncio.get_running_loop().time()
+        deadline = now + self._s.request_timeout_s
+        due = min(now + self._s.first_token_timeout_s, deadline)
+        resp = await self._open(self._embeddings_url, orjson.dumps(body), self._stream_timeout, due)
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await resp.read()
+        except TimeoutError:
+            raise BackendError(ErrorKind.TIMEOUT, "The model server did not finish in time.") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise BackendError(ErrorKind.CONNECT, "The model server dropped the answer.") from exc
+        finally:
+            resp.close()  # a no-op once read; otherwise (cancelled) the server sees the disconnect
+        return _embedding_list(raw)
 
     async def health(self) -> bool:
         return True  # a plain OpenAI server has no standard health route: the breaker decides
@@ -237,6 +282,19 @@ class OpenAIHTTPBackend:
 
     def count_tokens(self, messages: list[Any]) -> int | None:
         return None
+
+
+def _embedding_list(raw: bytes) -> Body:
+    """An embeddings answer, checked for the parts the gateway reads (`data`, `usage`)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise BackendError(ErrorKind.PROTOCOL, "The model server sent an invalid embeddings answer.")
+    if not isinstance(data.get("usage"), dict):
+        data["usage"] = {}
+    return data
 
 
 def probe_timeout(settings: Any) -> aiohttp.ClientTimeout:

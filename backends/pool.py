@@ -1,9 +1,10 @@
-"""Replicas and their health: circuit breakers, probes, the routing policy, the attempt order.
+"""Replicas and their health: circuit breakers, probes, the routing policy, the fallback walk.
 
 A `Member` wraps one backend with its live state (outstanding requests, last probe, breaker).
 `route` turns a variant's pool and fallback list into the ordered backends to try, by the
 configured policy (affinity with a load guard, least outstanding, random); backends/affinity.py
-holds its pure hashing parts.
+holds its pure hashing parts. `first_success` walks that order: it leases each member while its
+attempt runs and records failures in the member's breaker.
 """
 
 from __future__ import annotations
@@ -13,62 +14,15 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from backends.affinity import load_cap, replica_seed, weight
-from backends.base import Backend
+from backends.base import Backend, BackendError, ErrorKind
+from backends.breaker import Breaker
 
 log = logging.getLogger("llm_gateway.pool")
-
-
-class Breaker:
-    """Closed -> open after `failures` consecutive failures; after `reset_s` one trial is let through
-    (half-open); its success closes the breaker, its failure opens it again."""
-
-    def __init__(self, failures: int, reset_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._threshold = failures
-        self._reset_s = reset_s
-        self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._trial_out = False
-
-    @property
-    def state(self) -> str:
-        if self._opened_at is None:
-            return "closed"
-        return "half_open" if self._clock() - self._opened_at >= self._reset_s else "open"
-
-    def allow(self) -> bool:
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half_open" and not self._trial_out:
-            self._trial_out = True
-            return True
-        return False
-
-    def reopens_in(self) -> float:
-        """Seconds until the half-open trial may go (0 when the breaker lets requests through)."""
-        if self._opened_at is None:
-            return 0.0
-        return max(0.0, self._reset_s - (self._clock() - self._opened_at))
-
-    def available(self) -> bool:
-        """Like allow() but without taking the half-open trial (for ordering decisions)."""
-        state = self.state
-        return state == "closed" or (state == "half_open" and not self._trial_out)
-
-    def success(self) -> None:
-        self._failures, self._opened_at, self._trial_out = 0, None, False
-
-    def failure(self) -> None:
-        self._failures += 1
-        self._trial_out = False
-        if self._opened_at is not None or self._failures >= self._threshold:
-            self._opened_at = self._clock()
 
 
 @dataclass(eq=False)  # a replica is itself: compared by identity, never field by field
@@ -132,6 +86,50 @@ class Member:
         if self.max_concurrency is not None and self.outstanding >= self.max_concurrency:
             return "saturated"
         return "queue_too_deep"
+
+
+T = TypeVar("T")
+BREAKER_KINDS = frozenset(
+    {ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.UPSTREAM_5XX, ErrorKind.PROTOCOL, ErrorKind.REFUSED}
+)
+
+
+class Exhausted(Exception):
+    """No member of the chain answered; `last` is how the last one tried failed (None: none tried)."""
+
+    def __init__(self, last: BackendError | None) -> None:
+        super().__init__(last.message if last else "no backend tried")
+        self.last = last
+
+
+async def first_success(
+    chain: Sequence[Member],
+    attempt: Callable[[Member], Awaitable[T]],
+    failed: Callable[[Member, BackendError], None],
+) -> tuple[Member, T]:
+    """Try the chain in order until one attempt succeeds; fall over only on retryable errors
+    (nothing has reached the client yet). The winner stays leased (`outstanding` counted): the
+    caller releases it when the response is over. `failed` hears of every failed attempt."""
+    last: BackendError | None = None
+    for member in chain:
+        member.outstanding += 1
+        try:
+            result = await attempt(member)
+        except BackendError as exc:
+            member.outstanding -= 1
+            last = exc
+            if exc.kind in BREAKER_KINDS:
+                member.breaker.failure()
+            failed(member, exc)
+            if not exc.retryable:
+                break
+            continue
+        except BaseException:
+            member.outstanding -= 1
+            raise
+        member.breaker.success()
+        return member, result
+    raise Exhausted(last)
 
 
 def attempt_order(members: dict[str, Member], pool: Iterable[str], fallback: Iterable[str]) -> list[Member]:

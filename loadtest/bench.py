@@ -11,7 +11,8 @@ simulator, the load generators and (for auth/full) a local Redis share core 1. M
 
 --features core: auth with a valid token, generous limits in memory, policies and cache off.
 --features auth: the same with limits in Redis (--redis) - the cost of identity and limits.
---features policies: core + input and output word policies (the shipped lists).
+--features policies: core + input and output word policies (the shipped lists) + the personal-data
+stage (`--privacy pseudonymize`, the shipped default, or `off`).
 --features full: auth + Redis limits + policies + exact cache. The fixed-rate runs leave temperature
   unset (sampled: the cache is bypassed); it also prints max req/s for exact misses (temperature 0,
   a new prompt every request) and exact hits (temperature 0, one prompt) in --rounds alternating
@@ -44,7 +45,7 @@ from loadtest import openloop  # noqa: E402
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 
 
-def _config(sim_url: str, features: str, redis_url: str) -> dict[str, Any]:
+def _config(sim_url: str, features: str, redis_url: str, privacy: str) -> dict[str, Any]:
     words = [str(ROOT / "config/words/zh.txt"), str(ROOT / "config/words/en.txt")]
     full = features == "full"
     policies = features in ("full", "policies")
@@ -58,6 +59,7 @@ def _config(sim_url: str, features: str, redis_url: str) -> dict[str, Any]:
             "input": "block" if policies else "off",
             "output": "mask" if policies else "off",
         },
+        "privacy": {"input": privacy if policies else "off"},  # personal data: the shipped default
         "observability": {"log_level": "info", "log_format": "json"},  # the per-request line is paid
         "backends": {"gpu": {"type": "vllm", "url": sim_url, "model": "sim-model", "health_interval_s": 5}},
         "models": {"assistant": {"variants": [{"name": "control", "weight": 1, "backends": ["gpu"]}]}},
@@ -176,7 +178,8 @@ def start_services(args: argparse.Namespace) -> tuple[list[subprocess.Popen[byte
     procs = [subprocess.Popen(sim_cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     tmp = Path(tempfile.mkdtemp())
     cfg = tmp / "bench.yaml"
-    cfg.write_text(yaml.safe_dump(_config(f"http://127.0.0.1:{sim_port}", args.features, args.redis)))
+    config = _config(f"http://127.0.0.1:{sim_port}", args.features, args.redis, args.privacy)
+    cfg.write_text(yaml.safe_dump(config))
     gw_cmd = [
         "taskset",
         "-c",
@@ -278,6 +281,8 @@ def main() -> None:
     parser.add_argument("--features", choices=["core", "auth", "policies", "full"], default="core")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--rounds", type=int, default=5, help="full: alternating cache miss/hit runs")
+    parser.add_argument("--privacy", choices=["pseudonymize", "off"], default="pseudonymize",
+                        help="policies/full: the personal-data stage's input action")
     args = parser.parse_args()
     procs, sim_port, gw_port = start_services(args)
     redis_cores = _pin_redis(args.redis) if args.features in ("auth", "full") else None

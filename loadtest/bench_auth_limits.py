@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.auth.authenticator import Authenticator, Principal, mint_token
 from proxy.limits.limiter import RateLimiter
-from proxy.settings import AuthSettings, LimitSettings, TierLimits
+from proxy.redis import SharedRedis
+from proxy.settings import AuthSettings, LimitSettings, RedisSettings, TierLimits
 
 USERS = 1000  # admissions spread over this many principals, as real traffic is
 
@@ -78,10 +79,10 @@ async def bench_auth(n: int) -> Principal:
 async def bench_limits(n: int, redis_url: str, label: str) -> None:
     settings = LimitSettings(
         tiers={"default": TierLimits(requests_per_minute=600, tokens_per_minute=10_000_000)},
-        redis_timeout_s=1.0,
     )
     prefix = f"bench-rl-{secrets.token_hex(4)}"
-    limiter = RateLimiter(settings, redis_url, key_prefix=prefix)
+    redis = SharedRedis(redis_url, RedisSettings(timeout_s=1.0)) if redis_url else None
+    limiter = RateLimiter(settings, redis, key_prefix=prefix)
     await limiter.start()
     principals = [Principal(f"user-{i}", "acme", "default", None, {}) for i in range(USERS)]
 
@@ -97,15 +98,12 @@ async def bench_limits(n: int, redis_url: str, label: str) -> None:
         await measure(f"admit() alone {label}", n, admit_only)
         print(f"  stats: {limiter.stats}")
     finally:
-        if redis_url:
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(redis_url)
-            keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-            for i in range(0, len(keys), 500):
-                await client.delete(*keys[i : i + 500])
-            await client.aclose()
         await limiter.close()
+        if redis is not None:
+            keys = [k async for k in redis.client.scan_iter(match=f"{prefix}:*", count=1000)]
+            for i in range(0, len(keys), 500):
+                await redis.client.delete(*keys[i : i + 500])
+            await redis.close()
 
 
 async def main(args: argparse.Namespace) -> None:

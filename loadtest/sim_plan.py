@@ -13,8 +13,9 @@ from typing import Any
 
 import orjson
 
+from loadtest.sim_agent import REASONING_FIELDS, AgentReply, agent_reply, check_script
 from loadtest.sim_gpu import GpuParams
-from loadtest.sim_wire import DONE, StreamEncoder
+from loadtest.sim_wire import DONE, StreamEncoder, chat_completion
 
 # stall: hold the request before any byte; stall_stream: after `drop_after_chunks` frames (0: after
 # the headers), pause `stall_s`; drop / reset: close / reset the connection after that many frames
@@ -44,6 +45,9 @@ class SimConfig:
     scripts: dict[str, list[str]] = field(default_factory=dict)
     check_model: bool = True  # vLLM answers 404 for a model it does not serve
     legacy_errors: bool = False  # vLLM < 0.10 error body: {"object": "error", ...}
+    # reasoning and tool calls on request (loadtest/sim_agent.py): exact pieces by prompt substring
+    agent_scripts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reasoning_field: str = "reasoning"  # | "reasoning_content" (older vLLM) | "both"
     # mode="gpu" models one GPU replica (loadtest/sim_gpu.py, SIM_GPU.md); "zero" is fixed delays.
     mode: str = "zero"
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy (gpu mode): fcfs | priority
@@ -68,6 +72,10 @@ class SimConfig:
         for key, chunks in self.scripts.items():
             if not chunks or not all(isinstance(c, str) for c in chunks) or not isinstance(key, str):
                 raise ValueError(f"script {key!r} must map to a non-empty list of strings")
+        for key, script in self.agent_scripts.items():
+            check_script(key, script)
+        if self.reasoning_field not in REASONING_FIELDS:
+            raise ValueError(f"reasoning_field must be one of {sorted(REASONING_FIELDS)}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {self.mode!r}")
         self.gpu_params()  # validates the gpu_* fields in either mode
@@ -117,6 +125,7 @@ class Plan:
     stream: bool
     include_usage: bool
     continuous: bool
+    agent: AgentReply | None = None  # reasoning / tool calls; `tokens` are then its steps' texts
 
 
 @functools.lru_cache(maxsize=4096)
@@ -197,6 +206,9 @@ def build_plan(body: Any, cfg: SimConfig, rid: str) -> Plan:
             f"{prompt_tokens} input tokens ({max_tokens} > {limit} - {prompt_tokens}).",
         )
     tokens = _reply(cfg, last_user)
+    agent = agent_reply(body, last_user, cfg.agent_scripts, cfg.reasoning_field, tokens)
+    if agent is not None:
+        tokens = agent.tokens()
     budget = max_tokens if max_tokens is not None else limit - prompt_tokens
     include_usage = bool(options and options.get("include_usage"))
     return Plan(
@@ -209,6 +221,7 @@ def build_plan(body: Any, cfg: SimConfig, rid: str) -> Plan:
         stream=stream,
         include_usage=include_usage,
         continuous=include_usage and bool(options and options.get("continuous_usage_stats")),
+        agent=agent,
     )
 
 
@@ -221,6 +234,9 @@ def stream_frames(plan: Plan, ttft: float, itl: float) -> Iterator[tuple[float, 
     for i in range(1, plan.n):
         yield 0.0, enc.role(i, prompt if plan.continuous else None)
     last = len(plan.tokens) - 1
+    if plan.agent is not None:
+        yield from _agent_frames(enc, plan, plan.agent, itl)
+        return
     for step, token in enumerate(plan.tokens):
         finish = plan.finish if step == last else None
         usage = (prompt, step + 1) if plan.continuous else None
@@ -229,3 +245,29 @@ def stream_frames(plan: Plan, ttft: float, itl: float) -> Iterator[tuple[float, 
     if plan.include_usage:
         yield 0.0, enc.usage(prompt, plan.n * len(plan.tokens))
     yield 0.0, DONE
+
+
+def _agent_frames(
+    enc: StreamEncoder, plan: Plan, agent: AgentReply, itl: float
+) -> Iterator[tuple[float, bytes]]:
+    """The steps of an agent-shaped answer (after the role chunks): one frame per choice each."""
+    prompt, last = plan.prompt_tokens, len(plan.tokens) - 1
+    for step, delta in enumerate(agent.deltas(len(plan.tokens))):
+        finish = agent.finish_reason(plan.finish) if step == last else None
+        usage = (prompt, step + 1) if plan.continuous else None
+        for i in range(plan.n):
+            yield (itl if step and not i else 0.0), enc.delta(i, delta, finish, usage)
+    if plan.include_usage:
+        yield 0.0, enc.usage(prompt, plan.n * len(plan.tokens))
+    yield 0.0, DONE
+
+
+def completion_body(plan: Plan) -> bytes:
+    """The non-stream answer: every choice says the same."""
+    usage = plan.n * len(plan.tokens)
+    if plan.agent is None:
+        contents = [("".join(plan.tokens), plan.finish)] * plan.n
+        return chat_completion(plan.rid, plan.model, contents, plan.prompt_tokens, usage)
+    finish = plan.agent.finish_reason(plan.finish)
+    message = plan.agent.message(len(plan.tokens))
+    return chat_completion(plan.rid, plan.model, [("", finish)] * plan.n, plan.prompt_tokens, usage, message)

@@ -18,8 +18,9 @@ import orjson
 from aiohttp import web
 
 from loadtest.sim_gpu_serve import ZERO_GPU_COUNTERS, GpuReplica
-from loadtest.sim_plan import Plan, RequestError, SimConfig, build_plan, stream_frames
-from loadtest.sim_wire import JSON_HEADERS, SSE_HEADERS, chat_completion, error_body, metrics_text, model_list
+from loadtest.sim_plan import Plan, RequestError, SimConfig
+from loadtest.sim_text import COMPLETIONS_PATH, embeddings_body, plan_body, plan_frames, plan_request
+from loadtest.sim_wire import JSON_HEADERS, SSE_HEADERS, error_body, metrics_text, model_list
 
 MAX_RECORDS = 10_000
 _SLOW_FACTOR = 10
@@ -62,6 +63,8 @@ class Simulator:
         app.add_routes(
             [
                 web.post("/v1/chat/completions", self._chat),
+                web.post(COMPLETIONS_PATH, self._chat),  # planned alike, answered as text_completion
+                web.post("/v1/embeddings", self._embeddings),
                 web.get("/v1/models", self._models),
                 web.get("/health", self._health),
                 web.get("/metrics", self._metrics),
@@ -184,7 +187,7 @@ class Simulator:
             body: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
-        rid = "chatcmpl-" + (
+        rid = ("cmpl-" if request.path == COMPLETIONS_PATH else "chatcmpl-") + (
             request.headers.get("X-Request-Id")
             or (body.get("request_id") if isinstance(body, dict) else None)
             or os.urandom(16).hex()
@@ -212,7 +215,7 @@ class Simulator:
         if cfg.fault == "status":
             return await _send_error(request, rec, cfg, cfg.fault_status, cfg.fault_message)
         try:
-            plan = build_plan(body, cfg, rec["id"])
+            plan, body = plan_request(request.path, body, cfg, rec["id"])
         except RequestError as exc:
             return await _send_error(request, rec, cfg, exc.status, exc.message)
         if cfg.mode == "gpu" and self._gpu is not None:
@@ -242,8 +245,8 @@ class Simulator:
         """GPU mode: the engine's queue and steps replace the slots and the fixed delays."""
         gpu = self._gpu
         assert gpu is not None
-        try:
-            plan, ticket = gpu.prepare(plan, body, cfg.max_model_len)
+        try:  # the engine re-splits the answer's text into its tokens: agent answers are plain here
+            plan, ticket = gpu.prepare(dataclasses.replace(plan, agent=None), body, cfg.max_model_len)
         except RequestError as exc:
             return await _send_error(request, rec, cfg, exc.status, exc.message)
         gpu.submit(ticket)
@@ -262,6 +265,34 @@ class Simulator:
             gpu.release(ticket)
 
     # other endpoints -------------------------------------------------------------------------------
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        """Deterministic vectors at once; the faults that apply before an answer (refuse, status,
+        stall) as for chat, and a client leaving is recorded as a cancellation."""
+        cfg = self.config
+        try:
+            body: Any = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        rec = _new_record(request, "embd-" + os.urandom(16).hex(), body)
+        self._records.append(rec)
+        try:
+            if cfg.fault == "refuse":
+                return _drop(request, rec)
+            if cfg.fault == "stall":
+                await asyncio.sleep(cfg.stall_s)
+            payload = embeddings_body(body, cfg, rec["id"])
+            if cfg.fault == "status":
+                raise RequestError(cfg.fault_status, cfg.fault_message)
+        except RequestError as exc:
+            return await _send_error(request, rec, cfg, exc.status, exc.message)
+        except asyncio.CancelledError:
+            rec["cancelled"] = True
+            raise
+        finally:
+            rec["finished"] = time.monotonic()
+        rec["status"], rec["completed"] = 200, True
+        return web.Response(body=payload, headers=JSON_HEADERS)
+
     async def _models(self, request: web.Request) -> web.Response:
         cfg = self.config
         return web.Response(
@@ -316,6 +347,7 @@ class Simulator:
 def _new_record(request: web.Request, rid: str, body: Any) -> _Record:
     return {
         "id": rid,
+        "path": request.path,
         "body": body,
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "started": time.monotonic(),
@@ -387,10 +419,7 @@ async def _complete(
     cut = Cut.of(cut) if isinstance(cut, int) else cut
     if delay > 0:
         await asyncio.sleep(delay)
-    text = "".join(plan.tokens)
-    usage = plan.n * len(plan.tokens)
-    body = chat_completion(plan.rid, plan.model, [(text, plan.finish)] * plan.n, plan.prompt_tokens, usage)
-    resp = web.Response(body=body, headers=JSON_HEADERS)
+    resp = web.Response(body=plan_body(plan), headers=JSON_HEADERS)
     if cut.after >= 0 and cut.how == "stall_stream":
         await resp.prepare(request)  # headers out, body held back
         await _strike(request, rec, cut)
@@ -420,7 +449,7 @@ async def _stream(
         return ended
     pending: list[bytes] = []
     sent = 0
-    for delay, frame in stream_frames(plan, ttft, itl):
+    for delay, frame in plan_frames(plan, ttft, itl):
         if delay > 0:
             if pending:
                 await resp.write(b"".join(pending))

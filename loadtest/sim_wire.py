@@ -23,6 +23,7 @@ _CHOICE_OPEN = b'{"index":%d,"delta":{"content":'
 _MID = b'},"logprobs":null,"finish_reason":null,"token_ids":null}'
 _LAST = b'},"logprobs":null,"finish_reason":"%s","stop_reason":null,"token_ids":null}'
 _ROLE = b'{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
+_DELTA_OPEN = b'{"index":%d,"delta":'
 _USAGE = b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d'
 
 
@@ -76,6 +77,19 @@ class StreamEncoder:
         extra = b"" if usage is None else _usage(usage[0], usage[1], details=True)
         return self._head + _CHOICE_OPEN % index + orjson.dumps(text) + tail + b"]" + extra + b"}\n\n"
 
+    def delta(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        usage: tuple[int, int] | None = None,
+    ) -> bytes:
+        """A chunk with any delta (reasoning, tool calls, or empty on a closing token)."""
+        tail = _MID if finish is None else _LAST % finish.encode()
+        extra = b"" if usage is None else _usage(usage[0], usage[1], details=True)
+        body = orjson.dumps(delta)[:-1]  # the closing brace comes with the tail
+        return self._head + _DELTA_OPEN % index + body + tail + b"]" + extra + b"}\n\n"
+
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The trailing `choices: []` chunk sent with `stream_options.include_usage`."""
         return self._head + b"]" + _usage(prompt_tokens, completion_tokens, details=False) + b"}\n\n"
@@ -89,13 +103,20 @@ def _usage(prompt: int, completion: int, *, details: bool) -> bytes:
 
 
 def chat_completion(
-    rid: str, model: str, contents: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int
+    rid: str,
+    model: str,
+    contents: list[tuple[str, str]],
+    prompt_tokens: int,
+    completion_tokens: int,
+    message: dict[str, Any] | None = None,
 ) -> bytes:
-    """A non-stream ChatCompletionResponse; `contents` is (text, finish_reason) per choice."""
+    """A non-stream ChatCompletionResponse; `contents` is (text, finish_reason) per choice, and
+    `message`, when given, every choice's message instead of one built from the text."""
     choices = [
         {
             "index": i,
-            "message": {
+            "message": message
+            or {
                 "role": "assistant",
                 "content": text,
                 "refusal": None,

@@ -1,28 +1,32 @@
 """Where text hides in OpenAI chat bodies, and scanning / masking all of it in one matcher pass.
 
 Request: every message of every role (string content or an array of parts, `name`, `refusal`,
-`reasoning_content`, tool calls' and legacy function calls' names and arguments), tool results
-(role "tool" content) and the tool / function definitions and `response_format` schemas.
-Completion: every choice's `content`, `reasoning_content`, `refusal` and tool-call arguments.
-Text parts of one message are scanned as one text, so a word split across two parts is still
-a hit; separate fields never join. JSON arguments are decoded first (a `\\u6d17` escape is seen
-as the character), keys included. Pure functions; hits carry where they were, never the word.
+reasoning text (`reasoning`, vLLM's name, and `reasoning_content`), tool calls' and legacy
+function calls' names and arguments), tool results (role "tool" content) and the tool / function
+definitions and `response_format` schemas. Completion: every choice's `content`, reasoning text,
+`refusal` and tool calls' names and arguments. Text parts of one message are scanned as one text,
+so a word split across two parts is still a hit; separate fields never join. JSON arguments are
+read string by string, decoded (a `\\u6d17` escape is seen as the character), keys included; a
+mask replaces a character's raw form inside its string (policies/jsontext.py), so masked
+arguments are still valid JSON and otherwise unchanged byte for byte. Arguments that are not JSON
+are scanned as plain text. Pure functions; hits carry where they were, never the word.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from policies.jsontext import JsonString, join_document, split_document
 from policies.words import Match, Matcher, mask_spans
 
 _PART_KEYS = ("text", "refusal")
-_MESSAGE_FIELDS = ("name", "refusal", "reasoning_content")
-_OUTPUT_FIELDS = ("content", "reasoning_content", "refusal")
+_MESSAGE_FIELDS = ("name", "refusal", "reasoning", "reasoning_content")
+_OUTPUT_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
+Document = tuple[dict[str, Any], str, list["str | JsonString"]]  # (holder, key, split JSON text)
 
 
 @dataclass(frozen=True)
@@ -34,19 +38,19 @@ class Hit:
 
 @dataclass
 class _Slot:
-    holder: Any  # dict or list holding the text
+    holder: Any  # dict or list holding the text, or the JsonString it is
     key: Any
     text: str
 
 
 @dataclass
 class _Group:
-    """Texts scanned as one (parts of a message); `owner` is set for JSON-decoded strings."""
+    """Texts scanned as one (parts of a message); `owner` is set for a string of JSON text."""
 
     where: str
     choice: int | None
     slots: list[_Slot] = field(default_factory=list)
-    owner: tuple[dict[str, Any], str, Any] | None = None  # (holder, key, decoded JSON)
+    owner: Document | None = None  # the JSON text the string (the one slot's holder) belongs to
 
 
 class _Collector:
@@ -74,15 +78,14 @@ class _Collector:
         raw = holder.get(key)
         if not isinstance(raw, str) or not raw:
             return
-        try:
-            decoded = json.loads(raw)
-        except ValueError:
-            decoded = None
-        if not isinstance(decoded, dict | list):
+        parts = split_document(raw)
+        if parts is None:
             self.text(holder, key, where, choice)
             return
-        for text in _json_strings(decoded):
-            self.groups.append(_Group(where, choice, [_Slot(None, None, text)], (holder, key, decoded)))
+        document = (holder, key, parts)
+        for part in parts:
+            if isinstance(part, JsonString) and part.forms:
+                self.groups.append(_Group(where, choice, [_Slot(part, "masked", part.text)], document))
 
     def strings(self, obj: Any, where: str) -> None:
         """Every string value under a (schema-like) object."""
@@ -92,27 +95,6 @@ class _Collector:
                 self.text(obj, key, where)
             else:
                 self.strings(value, where)
-
-
-def _json_strings(obj: Any) -> list[str]:
-    out: list[str] = []
-
-    def keep(s: str) -> str:
-        out.append(s)
-        return s
-
-    _map_json(obj, keep)
-    return out
-
-
-def _map_json(obj: Any, f: Callable[[str], str]) -> Any:
-    if isinstance(obj, str):
-        return f(obj)
-    if isinstance(obj, dict):
-        return {f(k): _map_json(v, f) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_map_json(v, f) for v in obj]
-    return obj
 
 
 def _collect_message(c: _Collector, msg: dict[str, Any], where: str) -> None:
@@ -191,16 +173,14 @@ def _scan(
         return body, hits
     new = copy.deepcopy(body)
     new_groups = collect(new).groups  # same order as `groups`: the walk is deterministic
-    owners: dict[int, tuple[dict[str, Any], str, Any]] = {}
+    documents: dict[int, Document] = {}
     for group, matches in zip(new_groups, found, strict=True):
-        if not matches:
-            continue
-        if group.owner is not None:
-            owners[id(group.owner[0])] = group.owner
-            continue
-        _apply(group, matches)
-    for holder, key, decoded in owners.values():
-        holder[key] = json.dumps(_map_json(decoded, matcher.mask), ensure_ascii=False)
+        if matches:
+            _apply(group, matches)
+            if group.owner is not None:
+                documents[id(group.owner[2])] = group.owner
+    for holder, key, parts in documents.values():
+        holder[key] = join_document(parts)
     return new, hits
 
 
@@ -208,7 +188,11 @@ def _apply(group: _Group, matches: list[Match]) -> None:
     masked = mask_spans("".join(s.text for s in group.slots), matches)
     at = 0
     for slot in group.slots:
-        slot.holder[slot.key] = masked[at : at + len(slot.text)]
+        piece = masked[at : at + len(slot.text)]
+        if isinstance(slot.holder, JsonString):
+            slot.holder.masked = piece
+        else:
+            slot.holder[slot.key] = piece
         at += len(slot.text)
 
 

@@ -11,16 +11,25 @@ allowed) entry and whose gaps are still within the limit. In normalized characte
 The result is the same as masking the whole text at once, whatever the chunk boundaries, except
 where more than `CONTEXT` characters that normalize to nothing precede a word (then the scanner
 may mask where the one-shot matcher would not, never the reverse).
+
+Tool-call arguments are JSON: `JsonScanner` scans each of their strings on its own, decoded
+(`\\u0073` reads as "s"), and masks a character by replacing its raw form, so the arguments stay
+valid JSON and are otherwise relayed byte for byte (the one-shot walk in bodies.py does the same).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Literal
 
+from policies.jsontext import END, RAW, Form, JsonLexer, Piece, remap
 from policies.words import Match, Matcher, mask_spans
 
 Action = Literal["block", "mask", "flag"]
-_TEXT_FIELDS = ("content", "reasoning_content", "refusal")
+# `reasoning` is vLLM's name for reasoning text, `reasoning_content` the older one (some versions
+# send both, the same text): both are scanned, and switching between the two is not a new field
+_TEXT_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
+_SAME_TEXT = {"reasoning_content": "reasoning"}
 _TOOL = "tool"
 Key = tuple[int, str, int]  # (choice index, field, tool-call index or -1)
 
@@ -78,10 +87,87 @@ class StreamScanner:
         return out
 
 
+class JsonScanner:
+    """One streamed JSON text (a tool call's arguments). Each string is scanned by a fresh
+    StreamScanner, so a hit never joins two strings; structure passes at once; a masked
+    character replaces its raw form. Text that is not JSON is scanned as it comes."""
+
+    def __init__(self, matcher: Matcher, *, block: bool = False) -> None:
+        self._matcher = matcher
+        self._block = block
+        self._lexer = JsonLexer()
+        self._string: StreamScanner | None = None  # the string being read
+        self._forms: deque[Form] = deque()  # its held characters with their raw forms
+        self._hits = 0  # in strings already closed
+        self.blocked = False
+
+    @property
+    def held(self) -> int:
+        return self._lexer.pending + (self._string.held if self._string else 0)
+
+    @property
+    def hits(self) -> int:
+        return self._hits + (self._string.hits if self._string else 0)
+
+    def feed(self, text: str) -> str:
+        if self.blocked or not text:
+            return ""
+        return self._run(self._lexer.feed(text), final=False)
+
+    def flush(self) -> str:
+        """End of the text: everything held, masked."""
+        if self.blocked:
+            return ""
+        return self._run(self._lexer.flush(), final=True)
+
+    def release(self) -> str:
+        """The stream moved to another field for now: the held string text, masked (an unfinished
+        escape stays held; the JSON state is kept for the text's continuation)."""
+        return "" if self.blocked else self._close()
+
+    def _run(self, pieces: list[Piece], *, final: bool) -> str:
+        out: list[str] = []
+        text: list[str] = []  # string text since the last scan: one scan per feed, not per escape
+        for kind, value, raw in pieces:
+            if kind not in (RAW, END):
+                self._forms.append((value, raw))
+                text.append(value)
+                continue
+            if text and not self._scan(text, out):
+                return "".join(out)
+            out.append(value if kind == RAW else self._close())
+            if self.blocked:
+                return "".join(out)
+        if text and not self._scan(text, out):
+            return "".join(out)
+        if final:
+            out.append(self._close())  # the text ended inside a string, or was not JSON
+        return "".join(out)
+
+    def _scan(self, text: list[str], out: list[str]) -> bool:
+        """Feed the string's new text; False once blocked."""
+        if self._string is None:
+            self._string = StreamScanner(self._matcher, block=self._block)
+        out.append(remap(self._forms, self._string.feed("".join(text))))
+        text.clear()
+        self.blocked = self._string.blocked
+        return not self.blocked
+
+    def _close(self) -> str:
+        scanner, self._string = self._string, None
+        if scanner is None:
+            return ""
+        out = remap(self._forms, scanner.flush())
+        self._hits += scanner.hits
+        self.blocked = scanner.blocked
+        self._forms.clear()
+        return out
+
+
 class ChunkFilter:
-    """Filters the choices of OpenAI stream chunks: per choice and per field (content,
-    reasoning_content, refusal, each tool call's arguments). `feed` returns the chunks to send
-    now. A choice whose text is all held is dropped from a chunk unless it carries something else
+    """Filters the choices of OpenAI stream chunks: per choice and per field (content, reasoning
+    / reasoning_content, refusal, each tool call's arguments as JSON). `feed` returns the chunks
+    to send now. A choice whose text is all held is dropped from a chunk unless it carries something else
     (role, finish_reason, a tool call's id or name); a chunk left with no choice is not sent.
     Held text is flushed into the chunk that carries the choice's `finish_reason`, and a field's
     held text is flushed when the choice moves on to another field. Usage chunks (`choices: []`)
@@ -92,7 +178,7 @@ class ChunkFilter:
     def __init__(self, matcher: Matcher, action: Action) -> None:
         self._matcher = matcher
         self.action = action
-        self._scanners: dict[Key, StreamScanner] = {}
+        self._scanners: dict[Key, StreamScanner | JsonScanner] = {}
         self._active: dict[int, Key] = {}
         self._template: dict[str, Any] = {}
         self.blocked = False
@@ -135,25 +221,28 @@ class ChunkFilter:
         choices = [_choice_end(i, d, None) for i, d in deltas.items()]
         return [{**self._template, "choices": choices}] if any(deltas.values()) else []
 
-    def _scanner(self, key: Key) -> StreamScanner:
+    def _scanner(self, key: Key) -> StreamScanner | JsonScanner:
         scanner = self._scanners.get(key)
         if scanner is None:
-            scanner = self._scanners[key] = StreamScanner(self._matcher, block=self.action == "block")
+            kind = JsonScanner if key[1] == _TOOL else StreamScanner
+            scanner = self._scanners[key] = kind(self._matcher, block=self.action == "block")
         return scanner
 
     def _feed(self, key: Key, text: str, delta: dict[str, Any]) -> str:
         active = self._active.get(key[0])
-        if active is not None and active != key:
-            _put(delta, active, self._flush(active))
+        if active is not None and active != key and _stream_of(active) != _stream_of(key):
+            left = _stream_of(active)
+            for other in [k for k in self._scanners if _stream_of(k) == left]:
+                _put(delta, other, self._flush(other, final=False))
         self._active[key[0]] = key
         scanner = self._scanner(key)
         out = scanner.feed(text)
         self.blocked = self.blocked or scanner.blocked
         return out
 
-    def _flush(self, key: Key) -> str:
+    def _flush(self, key: Key, *, final: bool = True) -> str:
         scanner = self._scanners[key]
-        out = scanner.flush()
+        out = scanner.release() if not final and isinstance(scanner, JsonScanner) else scanner.flush()
         self.blocked = self.blocked or scanner.blocked
         return out
 
@@ -196,6 +285,11 @@ class ChunkFilter:
                 new.setdefault("tool_calls", []).append(entry)
                 carries = True
         return carries
+
+
+def _stream_of(key: Key) -> Key:
+    """Keys of one text: the two names of reasoning text are one stream, not a change of field."""
+    return (key[0], _SAME_TEXT.get(key[1], key[1]), key[2])
 
 
 def _put(delta: dict[str, Any], key: Key, text: str) -> None:

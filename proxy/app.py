@@ -31,19 +31,32 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backends.base import Backend
-from backends.pool import Breaker, Member, probe_forever
+from backends.breaker import Breaker
+from backends.pool import Member, probe_forever
 from proxy import errors
-from proxy.auth.authenticator import Authenticator, ensure_secret
+from proxy.apis.base import Api
+from proxy.apis.chat import ChatApi
+from proxy.apis.completions import CompletionsApi
+from proxy.apis.embeddings import EmbeddingsApi
+from proxy.apis.messages import MessagesApi, count_input_tokens
+from proxy.apis.responses import ResponsesApi, ResponseStore
+from proxy.auth.authenticator import Authenticator, Principal, ensure_secret
 from proxy.cache.embedding import build_embedder
 from proxy.cache.response_cache import ResponseCache
 from proxy.call import Call
+from proxy.console import Console
+from proxy.conversations import Conversations, build_conversations
 from proxy.edge import read_body
+from proxy.embeddings import embed
+from proxy.experiments.aggregates import ExperimentStore
 from proxy.guard import PolicyGuard
 from proxy.limits.limiter import RateLimiter
 from proxy.observability.metrics import HttpMetrics
 from proxy.observability.observer import Observer, configure_logging
 from proxy.pipeline import Gateway, Reply
+from proxy.privacy import Privacy
 from proxy.protocol import model_card
+from proxy.redis import SharedRedis
 from proxy.settings import Settings, load_settings
 
 log = logging.getLogger("llm_gateway.app")
@@ -51,6 +64,16 @@ _GC_GEN0 = 10_000  # allocations between young-generation collections (CPython's
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # (scope, receive, send, request id) -> the status it sent
 DirectEndpoint = Callable[[Scope, Receive, Send, str], Awaitable[int]]
+# the endpoints that run the pipeline, each with its API's translator
+MESSAGES = MessagesApi()
+PIPELINE_APIS: dict[str, Api] = {
+    "/v1/chat/completions": ChatApi(),
+    "/v1/messages": MESSAGES,
+    "/v1/completions": CompletionsApi(),
+}
+# /v1/embeddings runs the stages that apply to it (proxy/embeddings.py): no cache, stream or output policy
+EMBEDDINGS = EmbeddingsApi()
+Endpoint = Api | EmbeddingsApi
 
 
 def build_backend(name: str, cfg: Any, session: aiohttp.ClientSession) -> Backend:
@@ -78,13 +101,20 @@ class Runtime:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None) -> None:
         self.settings = settings
         self.observer = Observer(settings.observability, registry)
+        self.console = Console(settings, lambda: self.gw, self.observer)  # off the request path
         self.gateway: Gateway | None = None
+        self.conversations: Conversations | None = None
 
     @property
     def gw(self) -> Gateway:
         if self.gateway is None:
             raise errors.ServiceUnavailable("The gateway is starting.")
         return self.gateway
+
+    def response_store(self) -> ResponseStore:
+        if self.conversations is None:
+            raise errors.ServiceUnavailable("The gateway is starting.")
+        return self.conversations
 
     @asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -98,21 +128,33 @@ class Runtime:
             members = await self._start_backends(stack, session)
             secret, _ = await asyncio.to_thread(ensure_secret, s.auth, Path(s.server.state_dir))
             auth = Authenticator(s.auth, secret=secret, session=session)  # reads public_key_file itself
-            limiter = RateLimiter(s.limits, s.redis_url)
+            redis = SharedRedis(s.redis_url, s.redis) if s.redis_url else None  # one for every stage
+            if redis is not None:
+                stack.push_async_callback(redis.close)  # after every stage that uses it
+            limiter = RateLimiter(s.limits, redis)
             guard = PolicyGuard(s.policies)
+            privacy = Privacy(s.privacy)
             embedder = build_embedder(s.cache.semantic, session) if s.cache.semantic_on else None
-            cache = ResponseCache(s.cache, s.redis_url, embedder)
-            for part in (auth, limiter, guard, *((embedder,) if embedder else ()), cache):
+            cache = ResponseCache(s.cache, redis, embedder)
+            for part in (auth, limiter, guard, privacy, *((embedder,) if embedder else ()), cache):
                 await part.start()
                 stack.push_async_callback(part.close)
             stack.push_async_callback(self.observer.close)
-            self.gateway = Gateway(s, members, auth, limiter, guard, cache, self.observer)
-            await self.observer.start(self.gateway, s.redis_url)
+            self.gateway = Gateway(s, members, auth, limiter, guard, cache, self.observer, privacy)
+            self.conversations = build_conversations(s.responses, redis)  # /v1/responses' store
+            await self.conversations.start()
+            stack.push_async_callback(self.conversations.close)
+            feedback = {name: m.feedback_sample for name, m in s.models.items()}
+            await self.observer.start(
+                self.gateway, ExperimentStore(redis, s.observability, feedback=feedback)
+            )
+            await self.console.start()  # its page in memory, the fleet history's task
+            stack.push_async_callback(self.console.close)
             _settle_garbage_collector()
             try:
                 yield
             finally:
-                self.gateway = None
+                self.gateway = self.conversations = None
 
     async def _start_backends(
         self, stack: AsyncExitStack, session: aiohttp.ClientSession
@@ -198,39 +240,60 @@ class EdgeMiddleware:
                 self.http.observe(handler, scope["method"], status, time.perf_counter() - started)
 
 
-def _error_response(exc: errors.GatewayError, extra: dict[str, str] | None = None) -> Response:
+def _error_response(
+    exc: errors.GatewayError, extra: dict[str, str] | None = None, api: Endpoint | None = None
+) -> Response:
     headers = {**(extra or {}), **exc.response_headers()}
-    return Response(exc.json(), status_code=exc.status, media_type="application/json", headers=headers)
+    body = api.error_body(exc) if api is not None else exc.json()
+    return Response(body, status_code=exc.status, media_type="application/json", headers=headers)
 
 
-def _internal_error(exc: Exception, extra: dict[str, str] | None = None) -> Response:
-    """Anything unexpected: logged with its traceback, answered with OpenAI's 500 and none of its text."""
+def _internal_error(
+    exc: Exception, extra: dict[str, str] | None = None, api: Endpoint | None = None
+) -> Response:
+    """Anything unexpected: logged with its traceback, answered with a 500 and none of its text."""
     log.error("unhandled error", exc_info=exc)
-    return _error_response(errors.InternalError(), extra)
+    return _error_response(errors.InternalError(), extra, api)
+
+
+def _tokenizer(gw: Gateway, principal: Principal, model: str) -> Callable[[list[Any]], int | None]:
+    """The model's first backend's own token counter (None from it: use the gateway's estimate)."""
+    experiment = gw.router.get(model)
+    if experiment is None:
+        raise errors.ModelNotFound(f"The model '{model[:100]}' does not exist.", param="model")
+    gw.auth.check_model(principal, model)
+    return gw.members[experiment.settings.variants[0].backends[0]].backend.count_tokens
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> ASGIApp:
     rt = Runtime(settings, registry)
     app = Starlette(lifespan=rt.lifespan)
+    responses = ResponsesApi(rt.response_store)  # its store exists once the lifespan has run
+    apis: dict[str, Endpoint] = {**PIPELINE_APIS, "/v1/responses": responses, "/v1/embeddings": EMBEDDINGS}
 
-    async def chat_completions(request: Request, rid: str) -> Reply | Response:
-        call = Call(request_id=rid, started=time.monotonic(), headers={"x-request-id": rid})
+    async def through_pipeline(api: Endpoint, request: Request, rid: str) -> Reply | Response:
+        call = Call(rid, time.monotonic(), api.name, headers={"x-request-id": rid})
         try:
-            return await rt.gw.chat_completions(request, call)
+            if isinstance(api, EmbeddingsApi):
+                return await embed(rt.gw, api, request, call)
+            return await rt.gw.handle(api, request, call)
         except errors.GatewayError as exc:
             call.status, call.error = exc.status, exc.code or exc.type
             rt.observer.finish(call)
-            return _error_response(exc, call.headers)
+            return _error_response(exc, call.headers, api)
         except Exception as exc:  # what Starlette's error middleware does for routed endpoints
-            return _internal_error(exc, {"x-request-id": rid})
+            return _internal_error(exc, {"x-request-id": rid}, api)
 
-    async def chat_direct(scope: Scope, receive: Receive, send: Send, rid: str) -> int:
-        response = await chat_completions(Request(scope, receive, send), rid)
-        await response(scope, receive, send)
-        return response.status_code
+    def direct_endpoint(api: Endpoint) -> DirectEndpoint:
+        async def endpoint(scope: Scope, receive: Receive, send: Send, rid: str) -> int:
+            response = await through_pipeline(api, Request(scope, receive, send), rid)
+            await response(scope, receive, send)
+            return response.status_code
 
-    async def chat_routed(request: Request) -> Reply | Response:  # see add_route below
-        return await chat_completions(request, request.state.request_id)
+        return endpoint
+
+    async def never_routed(_request: Request) -> Response:  # see add_route below
+        raise AssertionError("the edge middleware dispatches the pipeline's endpoints")
 
     async def list_models(request: Request) -> Response:
         principal = await rt.gw.auth.authenticate(request.headers.getlist("authorization"))
@@ -255,11 +318,8 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     async def healthz(_request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    async def readyz(_request: Request) -> Response:
-        problems, degraded = await rt.gw.readiness()
-        status = "not_ready" if problems else "degraded" if degraded else "ready"
-        body = orjson.dumps({"status": status, "problems": problems, "degraded": degraded})
-        return Response(body, status_code=503 if problems else 200, media_type="application/json")
+    async def readyz(_request: Request) -> Response:  # 503 only while starting (rt.gw raises)
+        return Response(orjson.dumps(await rt.gw.readiness()), media_type="application/json")
 
     async def metrics(_request: Request) -> Response:
         body, content_type = rt.observer.metrics_response()
@@ -271,15 +331,44 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         result = await rt.observer.experiments.feedback(principal, raw)
         return Response(orjson.dumps(result), media_type="application/json")
 
+    async def response_by_id(request: Request) -> Response:
+        """GET or DELETE a stored response of /v1/responses (the caller's tenant's only)."""
+        principal = await rt.gw.auth.authenticate(responses.credentials(request.headers))
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            body = await responses.delete(principal, response_id)
+        else:
+            body = await responses.retrieve(principal, response_id)
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    async def count_tokens(request: Request) -> Response:
+        """Anthropic's count_tokens: counts against the caller's request limit, spends no tokens."""
+        try:
+            gw = rt.gw
+            principal = await gw.auth.authenticate(MESSAGES.credentials(request.headers))
+            raw = await read_body(request, settings.server.max_body_bytes, settings.server.body_timeout_s)
+            parsed = MESSAGES.parse_count(raw)
+            tokenizer = _tokenizer(gw, principal, parsed.chat.model)
+            admission = await gw.limiter.admit(principal, 0)
+        except errors.GatewayError as exc:
+            return _error_response(exc, None, MESSAGES)
+        body = orjson.dumps({"input_tokens": count_input_tokens(parsed, tokenizer)})
+        return Response(body, media_type="application/json", headers=admission.headers)
+
     # registered so that other methods get the router's 405; a POST never gets this far (the edge
-    # middleware calls chat_direct)
-    app.add_route("/v1/chat/completions", chat_routed, methods=["POST"])  # type: ignore[arg-type]
+    # middleware calls the pipeline directly)
+    for path in apis:
+        app.add_route(path, never_routed, methods=["POST"])
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
     app.add_route("/healthz", healthz, methods=["GET"])
     app.add_route("/readyz", readyz, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
     app.add_route("/v1/feedback", feedback, methods=["POST"])
+    app.add_route("/v1/messages/count_tokens", count_tokens, methods=["POST"])
+    app.add_route("/v1/responses/{response_id}", response_by_id, methods=["GET", "DELETE"])
+    for path, endpoint in rt.console.routes():  # the web console: page public, data admin-only
+        app.add_route(path, endpoint, methods=["GET"])
 
     async def _gateway_error(_request: Request, exc: errors.GatewayError) -> Response:
         return _error_response(exc)
@@ -295,7 +384,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.add_exception_handler(Exception, _unexpected)
 
     routes = (*(r.path.replace(":path", "") for r in app.routes if isinstance(r, Route)),)
-    direct: dict[tuple[str, str], DirectEndpoint] = {("POST", "/v1/chat/completions"): chat_direct}
+    direct = {("POST", path): direct_endpoint(api) for path, api in apis.items()}
     return EdgeMiddleware(app, rt.observer.http_metrics(routes), direct)
 
 

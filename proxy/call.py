@@ -15,6 +15,7 @@ class Call:
 
     request_id: str
     started: float
+    endpoint: str = "chat"  # the API the client spoke (proxy/apis/)
     principal: Principal | None = None
     model: str | None = None
     variant: str | None = None
@@ -23,6 +24,7 @@ class Call:
     fallback_reasons: list[str] = field(default_factory=list)
     cache: str = "bypass"
     policy: list[str] = field(default_factory=list)
+    pii: dict[str, int] = field(default_factory=dict)  # personal data: "direction:type:action" -> values
     stream: bool = False
     status: int = 200
     error: str | None = None

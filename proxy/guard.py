@@ -32,6 +32,7 @@ log = logging.getLogger("llm_gateway.policy")
 BLOCK_MESSAGE = "The request was rejected by the gateway's content policy."
 OUTPUT_BLOCK_MESSAGE = "The response was stopped by the gateway's content policy."
 FileStamp = tuple[int, int, int]  # (mtime_ns, size, inode)
+OFF_LOOP_SCAN_BYTES = 64 * 1024  # larger requests are scanned in a worker thread
 
 
 class PolicyGuard:
@@ -159,6 +160,12 @@ class PolicyGuard:
         and the word lists are what they were then (a cached answer is stored already filtered)."""
         return stamp is not None and stamp == self.output_stamp
 
+    async def screen_input(self, body: dict[str, Any], size: int) -> tuple[dict[str, Any], str | None]:
+        """`check_input` for a request of `size` bytes: a big one (~40 ms per MB) off the event loop."""
+        if size > OFF_LOOP_SCAN_BYTES:
+            return await asyncio.to_thread(self.check_input, body)
+        return self.check_input(body)
+
     def check_input(self, body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         """Apply the input action. Returns the (possibly masked) body and the action taken, or
         raises ContentFiltered for "block". CPU-bound: about 40 ms for a 1 MB body."""
@@ -221,7 +228,7 @@ def _blank_choices(completion: dict[str, Any], choices: set[int | None]) -> dict
             continue
         message = choice.get("message")
         if isinstance(message, dict):
-            for key in ("reasoning_content", "refusal", "tool_calls", "function_call"):
+            for key in ("reasoning", "reasoning_content", "refusal", "tool_calls", "function_call"):
                 message.pop(key, None)
             message["content"] = ""
         choice["finish_reason"] = "content_filter"

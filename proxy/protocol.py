@@ -9,7 +9,7 @@ has no use for are accepted and dropped (`DROPPED`).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import (
@@ -21,6 +21,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from backends.base import RAW_PROMPT
 
 # Accepted for SDK compatibility, never forwarded.
 DROPPED = frozenset({"store", "metadata", "service_tier", "user", "prediction", "modalities", "audio"})
@@ -68,7 +70,8 @@ class Message(_Model):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(None, max_length=256)
     refusal: str | None = None
-    reasoning_content: str | None = None
+    reasoning_content: str | None = None  # vLLM's reasoning, as older servers name it
+    reasoning: str | None = None  # and as newer ones do: a client sends back what it was given
 
     @model_validator(mode="after")
     def _shape(self) -> Message:
@@ -179,6 +182,16 @@ class ChatRequest(_Model):
         return {k: v for k, v in body.items() if v is not None}
 
 
+class RawPromptRequest(ChatRequest):
+    """The internal form of a legacy completions request (proxy/apis/completions.py builds it; no
+    client body parses into it): its one user message is a raw prompt, which the backends send
+    without the chat template (backends/base.py RAW_PROMPT). The mark is part of the forwarded
+    body, so a prompt and a chat turn of the same text never share a cache entry."""
+
+    def upstream_body(self) -> dict[str, Any]:
+        return {**super().upstream_body(), RAW_PROMPT: True}
+
+
 class RequestValidationError(Exception):
     """Raised by parse_chat_request; `param` names the offending field OpenAI-style."""
 
@@ -215,16 +228,18 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs)  # json.loads would build one per call
+M = TypeVar("M", bound=BaseModel)
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
-    """Decode and validate a request body. Raises RequestValidationError with OpenAI-style text.
+    return parse_request(raw, ChatRequest)
 
-    Duplicate keys are refused (parsers disagree on which copy wins, which lets a body say one
-    thing to the policy check and another to the backend). This costs ~10 us per typical body
-    over orjson; case-variant keys ("Model") are refused by the allow-list models themselves.
-    """
-    try:  # as json.loads reads bytes: UTF-8, -16 or -32, detected
+
+def decode_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, as json.loads reads bytes (UTF-8, -16 or -32, detected),
+    duplicate keys refused; RequestValidationError (OpenAI wording) otherwise. Every API's parser
+    starts here."""
+    try:
         data = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except _DuplicateKey:
         raise RequestValidationError("The JSON body has a duplicate key.", None) from None
@@ -234,8 +249,20 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         ) from None
     if not isinstance(data, dict):
         raise RequestValidationError("The request body must be a JSON object.", None)
+    return data
+
+
+def parse_request(raw: bytes, model: type[M]) -> M:
+    """Decode a request body and validate it as `model` (an allow-list: extra="forbid"). Raises
+    RequestValidationError with OpenAI-style text.
+
+    Duplicate keys are refused (parsers disagree on which copy wins, which lets a body say one
+    thing to the policy check and another to the backend). This costs ~10 us per typical body
+    over orjson; case-variant keys ("Model") are refused by the allow-list models themselves.
+    """
+    data = decode_object(raw)
     try:
-        return ChatRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         err = max(exc.errors(include_url=False), key=lambda e: len(e["loc"]))  # deepest: most specific
         loc = tuple(err["loc"])

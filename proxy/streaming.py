@@ -12,13 +12,19 @@ sse-starlette 2,011 (497 us); with 64 frames 2,196 / 1,807 / 836.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 
 from proxy.protocol import DONE_FRAME, chunk_frame
+
+if TYPE_CHECKING:
+    from policies.pii_stream import ChunkRestorer
+    from policies.stream import ChunkFilter
+    from proxy.apis.base import StreamRenderer
+    from proxy.errors import GatewayError
 
 SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -154,7 +160,12 @@ class StreamTap:
     def observe(self, chunk: dict[str, Any]) -> None:
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
-            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            if (
+                delta.get("content")
+                or delta.get("reasoning")
+                or delta.get("reasoning_content")
+                or delta.get("tool_calls")
+            ):
                 self.content_chunks += 1
             reason = choice.get("finish_reason")
             if reason:
@@ -167,28 +178,65 @@ class StreamTap:
         return self.content_chunks
 
 
-def usage_chunk(template: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
-    """A spec-shaped final usage chunk (empty choices) for clients that asked for include_usage."""
-    return {
-        "id": template.get("id"),
-        "object": "chat.completion.chunk",
-        "created": template.get("created"),
-        "model": template.get("model"),
-        "choices": [],
-        "usage": usage,
-    }
+class Relay:
+    """The stream stage: internal chunks in (from a backend or a cache replay), the output policy
+    with its bounded hold-back applied, each chunk observed by the tap, the API's SSE bytes out.
+    A block ends every choice with content_filter and an error event (no terminator); a backend
+    failing mid-stream ends it with an error event. The caller owns what happens after (closing
+    the upstream, settling, storing, logging). `restore` (personal data: the output check, the
+    user's values put back) comes after the tap, so the cache keeps the placeholders."""
 
+    __slots__ = ("blocked_error", "filt", "model", "out", "restore", "tap")
 
-def frames_for(chunks: list[dict[str, Any]]) -> list[bytes]:
-    return [chunk_frame(c) for c in chunks]
+    def __init__(
+        self,
+        out: StreamRenderer,
+        filt: ChunkFilter | None,
+        tap: StreamTap,
+        model: str,
+        blocked_error: Callable[[], GatewayError],
+        restore: ChunkRestorer | None = None,
+    ) -> None:
+        self.out, self.filt, self.tap, self.model, self.blocked_error = out, filt, tap, model, blocked_error
+        self.restore = restore
+
+    async def frames(
+        self, chunks: AsyncIterator[dict[str, Any]], usage: Callable[[], dict[str, Any]]
+    ) -> AsyncIterator[bytes]:
+        """Every frame of the answer; a BackendError (from the chunks) propagates to the caller,
+        which decides what the client is told (`self.out.error`)."""
+        out, filt, tap, restore = self.out, self.filt, self.tap, self.restore
+        async for chunk in chunks:
+            chunk["model"] = self.model
+            if not chunk.get("choices") and chunk.get("usage"):
+                tap.usage = chunk["usage"]
+                continue
+            for each in filt.feed(chunk) if filt else (chunk,):
+                tap.observe(each)
+                tap.chunks.append(each)
+                for shown in restore.feed(each) if restore else (each,):
+                    yield out.chunk(shown)
+            stop = filt if filt and filt.blocked else restore if restore and restore.blocked else None
+            if stop is not None:
+                tap.blocked = True
+                ends = b"".join(out.chunk(c) for c in stop.finish_chunks())
+                yield ends + out.error(self.blocked_error())
+                return
+        for each in filt.flush_chunks() if filt else ():  # the upstream ended without finish_reason
+            tap.chunks.append(each)
+            for shown in restore.feed(each) if restore else (each,):
+                yield out.chunk(shown)
+        for each in restore.flush_chunks() if restore else ():
+            yield out.chunk(each)
+        tap.complete = bool(tap.finish_reasons)
+        yield out.end(usage())
 
 
 __all__ = [
     "DONE_FRAME",
     "DisconnectWatch",
+    "Relay",
     "SSEResponse",
     "StreamTap",
     "chunk_frame",
-    "frames_for",
-    "usage_chunk",
 ]

@@ -286,9 +286,9 @@ def _text(value: Any, what: str, limit: int) -> str:
     return value
 
 
-def ensure_secret(settings: AuthSettings, state_dir: Path) -> tuple[str, bool]:
-    """The HS secret: the configured one, else the one in `state_dir/jwt_secret` (generated there with
-    mode 0600 on first run). Returns (secret, generated_now); ("", False) when no HS* is configured."""
+def read_secret(settings: AuthSettings, state_dir: Path) -> str:
+    """The HS secret, never creating one: the configured one, else the one in `state_dir/jwt_secret`;
+    "" when that file does not exist (yet) or no HS* is configured. Minting reads it this way."""
     need = _min_secret(settings.algorithms)
     if settings.secret:
         if len(settings.secret.encode()) < need:
@@ -296,13 +296,20 @@ def ensure_secret(settings: AuthSettings, state_dir: Path) -> tuple[str, bool]:
                 f"auth.secret is shorter than {need} bytes; use a long random value, e.g. "
                 "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
             )
-        return settings.secret, False
+        return settings.secret
     if not any(a.startswith("HS") for a in settings.algorithms):
-        return "", False
-    path = state_dir / "jwt_secret"
-    existing = _read_secret(path, need)
-    if existing:
+        return ""
+    return _read_secret(state_dir / "jwt_secret", need)
+
+
+def ensure_secret(settings: AuthSettings, state_dir: Path) -> tuple[str, bool]:
+    """The HS secret: `read_secret`'s, else one generated into `state_dir/jwt_secret` (mode 0600; only
+    `serve` calls this). Returns (secret, generated_now); ("", False) when no HS* is configured."""
+    existing = read_secret(settings, state_dir)
+    if existing or not any(a.startswith("HS") for a in settings.algorithms):
         return existing, False
+    need = _min_secret(settings.algorithms)
+    path = state_dir / "jwt_secret"
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     tmp = state_dir / f".jwt_secret.{os.getpid()}.{secrets.token_hex(4)}"
@@ -346,9 +353,11 @@ def mint_token(
     audience: str,
     issuer: str,
     settings: AuthSettings,
+    admin: bool = False,
     now: float | None = None,
 ) -> str:
-    """A signed token with the configured claim names (`key`: the HS secret or a PEM private key)."""
+    """A signed token with the configured claim names (`key`: the HS secret or a PEM private key);
+    `admin` adds the claim that opens the web console's data (`auth.admin_claim`)."""
     if algorithm.startswith("HS") and len(key.encode()) < _min_secret({algorithm}):
         raise ValueError(f"{algorithm} secrets must be at least {_min_secret({algorithm})} bytes")
     if ttl_s <= 0:
@@ -370,6 +379,8 @@ def mint_token(
         payload[settings.tier_claim] = tier
     if models is not None:
         payload[settings.models_claim] = list(models)
+    if admin:
+        payload[settings.admin_claim] = True
     return jwt.encode(payload, key, algorithm=algorithm)
 
 

@@ -2,9 +2,12 @@
 
 A streamed answer is stored as its original chunk dicts (so a replay keeps the original boundaries;
 the usage-only chunk is dropped and usage kept aside); a JSON answer as its completion dict. Either
-can be replayed either way: a stream to a JSON client is folded into one completion, a completion to
-a streaming client becomes role, content and finish chunks (no artificial splitting, no sleeps), with
-the trailing usage chunk when the client asked for `stream_options.include_usage`.
+can be replayed either way: a stream to a JSON client is folded into one completion by the same
+fold that builds JSON answers from backend streams (backends.collect.CompletionBuilder), a
+completion to a streaming client becomes role, reasoning, content, refusal, tool-call and finish
+chunks (no artificial splitting, no sleeps), with the trailing usage chunk when the client asked
+for `stream_options.include_usage`. Only answers whose every choice ended in stop/length are
+stored: a tool-call answer (`tool_calls`) never is, and requests with tools are not cached at all.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
+
+from backends.collect import REASONING_FIELDS, CompletionBuilder
 
 COMPLETE_FINISH = frozenset({"stop", "length"})
 
@@ -48,9 +53,11 @@ def usage_of(answer: CachedAnswer) -> dict[str, Any] | None:
 
 
 def encode(answer: CachedAnswer) -> bytes:
+    """A stream is kept as its chunks' choices only: id, created, model and object are replaced
+    on replay anyway (they were ~40% of a stored stream), the usage-only chunk is kept aside."""
     chunks = None
-    if answer.chunks is not None:  # the usage-only chunk is dropped; usage is kept aside
-        chunks = [{k: v for k, v in c.items() if k != "usage"} for c in answer.chunks if c.get("choices")]
+    if answer.chunks is not None:
+        chunks = [{"choices": c["choices"]} for c in answer.chunks if c.get("choices")]
     usage = usage_of(answer)
     return orjson.dumps(
         {"v": 1, "chunks": chunks, "completion": answer.completion, "usage": usage, "policy": answer.policy}
@@ -77,9 +84,11 @@ def completion_to_chunks(completion: dict[str, Any], *, include_usage: bool) -> 
     for choice in completion.get("choices", []):
         message, index = choice.get("message") or {}, choice.get("index", 0)
         deltas = [{"role": message.get("role", "assistant"), "content": ""}]
-        for field in ("reasoning_content", "content", "refusal"):
+        for field in (*REASONING_FIELDS, "content", "refusal"):
             if message.get(field):
                 deltas.append({field: message[field]})
+        for i, call in enumerate(message.get("tool_calls") or ()):
+            deltas.append({"tool_calls": [{"index": i, **call}]})
         for delta in deltas:
             chunks.append(
                 base
@@ -94,30 +103,11 @@ def completion_to_chunks(completion: dict[str, Any], *, include_usage: bool) -> 
 
 
 def chunks_to_completion(chunks: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
-    """A stream's chunks folded into one chat.completion object."""
-    messages: dict[int, dict[str, Any]] = {}
-    finish: dict[int, str | None] = {}
+    """A stream's chunks folded into one chat.completion object (the backends' fold)."""
+    builder = CompletionBuilder()
     for chunk in chunks:
-        for choice in chunk.get("choices") or []:
-            index = choice.get("index", 0)
-            message = messages.setdefault(index, {"role": "assistant", "content": ""})
-            for field, value in (choice.get("delta") or {}).items():
-                if field == "role" and value:
-                    message["role"] = value
-                elif isinstance(value, str):
-                    message[field] = message.get(field, "") + value
-            finish[index] = choice.get("finish_reason") or finish.get(index)
-    first = chunks[0] if chunks else {}
-    completion: dict[str, Any] = {
-        k: first[k] for k in ("id", "created", "model", "system_fingerprint") if k in first
-    }
-    completion["object"] = "chat.completion"
-    completion["choices"] = [
-        {"index": i, "message": messages[i], "logprobs": None, "finish_reason": finish.get(i)}
-        for i in sorted(messages)
-    ]
-    completion["usage"] = usage
-    return completion
+        builder.add(chunk)
+    return builder.completion() | {"usage": usage}
 
 
 def replay_chunks(
@@ -135,8 +125,8 @@ def replay_chunks(
             chunks = [c | {"usage": None} for c in chunks]
             usage = answer.usage or _chunk_usage(answer.chunks)
             chunks.append({"object": "chat.completion.chunk", "choices": [], "usage": usage})
-    fresh = {"id": request_id, "created": created, "model": model}
-    return [c | fresh for c in chunks]
+    fresh = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    return [fresh | c | fresh for c in chunks]
 
 
 def replay_completion(answer: CachedAnswer, *, request_id: str, created: int, model: str) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from proxy.cache.store import MemoryStore, RedisStore, SemanticEntry, Store
 from proxy.cache.verify import disagreement
 from proxy.limits.store import Peek
 from proxy.protocol import ChatRequest
+from proxy.redis import SharedRedis
 from proxy.settings import CacheSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ __all__ = [
     "replay_chunks",
     "replay_completion",
     "semantic_part",
+    "usage_of",
     "user_turn",
 ]
 
@@ -217,12 +219,12 @@ def semantic_part(scope: CacheScope, body: dict[str, Any], embedder_name: str) -
 
 
 class ResponseCache:
-    """Exact + semantic cache. The caller owns `embedder`: start it before start(), close it after close()."""
+    """Exact + semantic cache. The caller owns `embedder` (started first, closed last) and `redis`."""
 
     def __init__(
         self,
         settings: CacheSettings,
-        redis_url: str,
+        redis: SharedRedis | None,
         embedder: Embedder | None,
         *,
         prefix: str = "llmgw:cache",
@@ -241,8 +243,8 @@ class ResponseCache:
         self._backfill = Backfill(self._vectors, self._write_quietly) if self._vectors else None
         self._timeout_s = settings.redis_timeout_s
         self._store: Store = (
-            RedisStore(redis_url, prefix=prefix, timeout_s=settings.redis_timeout_s)
-            if redis_url
+            RedisStore(redis, prefix=prefix)
+            if redis is not None
             else MemoryStore(max_entries=max_entries, clock=clock)
         )
         # a lookup's own text, semantic partition and vector (if it got one), reused by store()

@@ -14,6 +14,9 @@ sliding TTL, so a popular answer never ages out, contrary to `cache.ttl_s`); its
 hash of prompt + filters, so the exact layer would need a second copy of every answer; its
 constructor runs blocking index I/O (and CustomVectorizer calls the embedder synchronously); and it
 keeps its own clients, outside the bounded pool and timeouts that make the cache a safe bypass.
+
+RedisStore uses the process's shared client (proxy/redis.py): every operation goes through its
+breaker, so while Redis is considered down a lookup or store fails at once (and is bypassed).
 """
 
 from __future__ import annotations
@@ -26,10 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy.redis import REDIS_ERRORS, SharedRedis
 
 log = logging.getLogger(__name__)
 INDEX_RETRY_S = 1.0  # while the index is missing (Redis down at start-up, restarted), retry this often
@@ -75,42 +77,31 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 
 
 class RedisStore:
-    def __init__(self, url: str, *, prefix: str, timeout_s: float, max_connections: int = 64) -> None:
-        self._url, self._prefix, self._timeout_s = url, prefix, timeout_s
-        self._max_connections = max_connections
-        self._pool: aioredis.BlockingConnectionPool | None = None
-        self._redis: aioredis.Redis | None = None
+    """The cache in Redis, over the shared client; the caller owns `redis` (not closed here)."""
+
+    def __init__(self, redis: SharedRedis, *, prefix: str) -> None:
+        self._shared, self._prefix = redis, prefix
+        self._redis = redis.client
+        self._put_script = self._redis.register_script(_PUT)
         self._index, self._dim = "", 0
         self._ready, self._retry_at = False, 0.0
-        self._put_script: Any = None
 
     async def start(self, dim: int | None) -> None:
-        """Connect; with `dim`, create or verify the vector index (needs the Redis query engine)."""
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=self._max_connections,
-            timeout=self._timeout_s,  # waiting for a free connection is bounded too
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-            protocol=2,  # FT.SEARCH replies are parsed below in their RESP2 (flat list) form
-        )
-        self._redis = aioredis.Redis(connection_pool=self._pool)
-        self._put_script = self._redis.register_script(_PUT)
+        """With `dim`, create or verify the vector index (needs the Redis query engine)."""
         if dim is None:
             return
         self._index, self._dim = f"{self._prefix}:idx:{dim}", dim
         try:
-            await self._ensure_index()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            with self._shared.guard():
+                await self._ensure_index()
+        except ResponseError:  # Redis answered: a real problem with the index, not an outage
+            raise
+        except REDIS_ERRORS as exc:
             # Unreachable is not misconfigured: serve without the cache and create the index later.
             log.warning("cache: Redis unreachable at start-up (%r); bypassing until it answers", exc)
 
     async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-        if self._pool is not None:
-            await self._pool.aclose()
-        self._redis = self._pool = None
+        return None
 
     async def _ensure_index(self) -> None:
         dim = self._dim
@@ -118,8 +109,8 @@ class RedisStore:
             await self._command("FT._LIST")
         except ResponseError as exc:
             raise SearchModuleMissing(
-                f"the Redis at {self._url} has no search module ({exc}); the semantic cache needs the "
-                "Redis query engine: disable cache.semantic or use Redis 8 / redis-stack"
+                f"the Redis at {self._shared.url} has no search module ({exc}); the semantic cache "
+                "needs the Redis query engine: disable cache.semantic or use Redis 8 / redis-stack"
             ) from None
         try:
             await self._command(
@@ -147,36 +138,34 @@ class RedisStore:
         return True
 
     async def _command(self, *args: Any) -> Any:
-        return await self._client().execute_command(*args)  # type: ignore[no-untyped-call]
-
-    def _client(self) -> aioredis.Redis:
-        if self._redis is None:
-            raise RuntimeError("cache store not started")
-        return self._redis
+        return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._client().hget(self.redis_key(key), "answer")
+        with self._shared.guard():
+            value = await self._redis.hget(self.redis_key(key), "answer")
         return value if isinstance(value, bytes) or value is None else str(value).encode()
 
     async def put(self, key: str, answer: bytes, ttl_s: int, semantic: SemanticEntry | None) -> None:
-        fields: dict[Any, bytes | str] = {"answer": answer}
-        if semantic is not None and await self._index_ready():
-            fields |= {"vec": semantic.vector.astype(np.float32).tobytes(), "part": semantic.part}
-            fields["text"] = semantic.text.encode()
-        args: list[Any] = [ttl_s]
-        for item in fields.items():
-            args.extend(item)
-        await self._put_script(keys=[self.redis_key(key)], args=args)
+        with self._shared.guard():
+            fields: dict[Any, bytes | str] = {"answer": answer}
+            if semantic is not None and await self._index_ready():
+                fields |= {"vec": semantic.vector.astype(np.float32).tobytes(), "part": semantic.part}
+                fields["text"] = semantic.text.encode()
+            args: list[Any] = [ttl_s]
+            for item in fields.items():
+                args.extend(item)
+            await self._put_script(keys=[self.redis_key(key)], args=args)
 
     async def nearest(self, part: str, vector: np.ndarray, k: int) -> list[Candidate]:
-        if not await self._index_ready():
-            return []
-        try:
-            reply = await self._search(part, vector, k)
-        except ResponseError as exc:
-            if "no such index" in str(exc).lower():  # Redis restarted or flushed: re-create later
-                self._ready = False
-            raise
+        with self._shared.guard():
+            if not await self._index_ready():
+                return []
+            try:
+                reply = await self._search(part, vector, k)
+            except ResponseError as exc:
+                if "no such index" in str(exc).lower():  # Redis restarted or flushed: re-create later
+                    self._ready = False
+                raise
         out = []
         for fields in reply[2::2]:
             doc = dict(zip(fields[::2], fields[1::2], strict=True))

@@ -7,15 +7,15 @@ continuously) that reserves `prompt + max_tokens` at admission and refunds or ch
 difference at the end, and knows exactly when enough tokens are back.
 
 Both live in proxy.limits.store and are checked and charged together in one Lua script: one Redis
-round trip to admit, one to settle. (We used `limits.aio`'s moving window before: it needs a second
-call for the remaining-requests header and a third for the bucket, and its in-memory storage sorts
-in a worker thread on every hit; four round trips were half of a request's CPU.)
+round trip to admit, one to settle. (Not `limits.aio`'s moving window: it needs a second call for
+the remaining-requests header and a third for the bucket, and its in-memory storage sorts in a
+worker thread on every hit; four round trips measured half of a request's CPU.)
 
-Every Redis socket operation runs under `redis_timeout_s` (waiting for a pooled connection has its
-own longer bound: that is local load, not Redis). A failing request gets the configured policy:
-fail_closed -> 503, fail_open -> per-process local limits under a per-process emergency cap. After
-3 failures in a row Redis is skipped for a second, then one request probes; shared limits resume
-as soon as a probe succeeds.
+Redis is the process's one shared client (proxy/redis.py): its socket timeout bounds every call
+and its breaker decides when Redis is skipped. A request Redis cannot serve gets the configured
+policy: fail_closed -> 503, fail_open -> per-process local limits under a per-process emergency cap.
+While the breaker is open (after `redis.breaker.failures` in a row, by any stage) the policy
+applies at once; shared limits resume as soon as a probe succeeds.
 """
 
 from __future__ import annotations
@@ -29,30 +29,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-
 from proxy.auth.authenticator import Principal
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.store import LimitStore, LocalLimitStore, Peek, Quota, RedisLimitStore, Verdict
+from proxy.redis import REDIS_ERRORS, RedisUnavailable, SharedRedis
 from proxy.settings import LimitSettings
 
 log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
-_PROBE_INTERVAL_S = 1.0  # how long Redis is skipped once it is considered down
-_FAILURES_TO_TRIP = 3  # consecutive failures that make it so (one slow reply does not)
-_POOL_SIZE = 64
-
-
-def _acquire_timeout(settings: LimitSettings) -> float:
-    return max(1.0, 10 * settings.redis_timeout_s)
-
-
-_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 @dataclass
@@ -137,12 +122,13 @@ def _rejection(limit: str, message: str, headers: dict[str, str], wait_s: float)
 
 
 class RateLimiter:
-    """Admits requests for a principal under its tier's limits; see the module docstring."""
+    """Admits requests for a principal under its tier's limits; see the module docstring.
+    `redis`: the process's shared client (None: limits in this process only); the caller owns it."""
 
     def __init__(
         self,
         settings: LimitSettings,
-        redis_url: str,
+        redis: SharedRedis | None,
         *,
         clock: Callable[[], float] = time.time,
         key_prefix: str = "llmgw:rl",
@@ -153,59 +139,39 @@ class RateLimiter:
             for name, t in settings.tiers.items()
         }
         self._local = LocalLimitStore()
-        self._pool: aioredis.BlockingConnectionPool | None = None
-        # a whole admission: pool wait + one round trip (+ one retry), bounded by the socket timeouts
-        self._deadline_s = _acquire_timeout(settings) + 2 * settings.redis_timeout_s
+        self._redis = redis
         self._shared: RedisLimitStore | None = None
-        if redis_url:
-            self._pool = aioredis.BlockingConnectionPool.from_url(
-                redis_url,
-                max_connections=_POOL_SIZE,
-                # Waiting for a pooled connection is local queueing, not Redis being slow: it gets
-                # its own, longer bound. Only socket I/O is held to redis_timeout_s, so a burst that
-                # saturates this process's event loop does not masquerade as a Redis outage.
-                timeout=_acquire_timeout(settings),
-                socket_timeout=settings.redis_timeout_s,
-                socket_connect_timeout=settings.redis_timeout_s,
-                # one immediate retry on a dead connection (stale after a Redis restart); timeouts are
-                # never retried: the policy decides what a slow Redis means
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            )
-            self._redis = aioredis.Redis(connection_pool=self._pool)
-            self._shared = RedisLimitStore(self._redis, key_prefix)
+        self._deadline_s = 0.0
+        if redis is not None:
+            self._shared = RedisLimitStore(redis.client, key_prefix)
+            # a safety net over one call: pool wait + one round trip (+ one retry); sockets time out first
+            self._deadline_s = redis.settings.pool_timeout_s + 2 * redis.settings.timeout_s
         # while Redis is down and the policy fails open: one per-process log over every admission
         self._emergency = LocalLimitStore()
         self._emergency_quota = Quota(settings.emergency_requests_per_minute, 1, WINDOW_S)
-        self._down_until = 0.0
-        self._probing = False
-        self._failures = 0
         self._pending: set[asyncio.Task[None]] = set()
         self.stats = LimiterStats()
 
     async def start(self) -> None:
-        """Warm the pool; an unreachable Redis is not a start-up error (the policy covers it)."""
+        """An unreachable Redis is not a start-up error (the policy covers it)."""
         if self._shared is not None and not await self.redis_ok():
             log.warning(
                 "Redis is unreachable at start-up; rate limiting follows %s", self._settings.on_redis_error
             )
 
+    @property
+    def redis_breaker_state(self) -> str | None:
+        """The shared Redis breaker's state (every Redis-using stage's), None without Redis."""
+        return self._redis.breaker.state if self._redis is not None else None
+
     async def redis_ok(self) -> bool:
         """Whether Redis answers within the timeout (for /readyz). True when no Redis is configured."""
-        if self._shared is None:
-            return True
-        try:
-            async with asyncio.timeout(self._settings.redis_timeout_s):
-                await self._redis.ping()
-        except _REDIS_ERRORS:
-            return False
-        return True
+        return self._redis is None or await self._redis.ping()
 
     async def close(self) -> None:
+        """Waits for the refunds in flight; the shared client is closed by its owner."""
         if self._pending:
             await asyncio.wait(self._pending, timeout=1.0)
-        if self._pool is not None:
-            await self._redis.aclose()
-            await self._pool.aclose()
 
     async def admit(
         self, principal: Principal, reserve_tokens: int, *, free_if: tuple[str, str] | None = None
@@ -226,38 +192,33 @@ class RateLimiter:
             self.stats.rejected["tokens"] += 1
             raise exc
         shared = self._shared
-        if shared is None:
-            return await self._admit(self._local, tier, ident, cost)
-        if self._redis_usable():
-            probe = bool(self._down_until)  # only the one probing request gets here while Redis is down
-            try:
-                async with asyncio.timeout(self._deadline_s):  # safety net; sockets time out first
-                    admission = await self._admit(shared, tier, ident, cost, free_if=free_if)
-            except RateLimited:
-                self._mark_up()
-                raise
-            except _REDIS_ERRORS as exc:
-                self._mark_down(exc)
-            else:
-                self._mark_up()
-                return admission
-            finally:
-                if probe:  # also when the probe was cancelled (client gone): let the next one probe
-                    self._probing = False
-        return await self._degraded(tier, ident, cost)
+        now = self._clock()
+        if shared is None or self._redis is None:
+            verdict = await self._local.admit(ident, tier, cost, now)
+            return self._decide(self._local, tier, ident, cost, verdict, now)
+        try:
+            with self._redis.guard():
+                async with asyncio.timeout(self._deadline_s):
+                    verdict = await shared.admit(ident, tier, cost, now, free_if)
+        except REDIS_ERRORS as exc:
+            if not isinstance(exc, RedisUnavailable):  # skipped while the breaker is open: not tried
+                self.stats.redis_errors += 1
+            return await self._degraded(tier, ident, cost)
+        return self._decide(shared, tier, ident, cost, verdict, now, free_if=free_if)
 
-    async def _admit(
+    def _decide(
         self,
         store: LimitStore,
         tier: Quota,
         ident: str,
         cost: int,
+        v: Verdict,
+        now: float,
         *,
         degraded: bool = False,
         free_if: tuple[str, str] | None = None,
     ) -> Admission:
-        now = self._clock()
-        v: Verdict = await store.admit(ident, tier, cost, now, free_if)
+        """The store's verdict as an Admission, or the RateLimited it calls for."""
         if v.free:
             cost = 0
         if not v.requests_ok:
@@ -305,7 +266,8 @@ class RateLimiter:
                 wait,
             )
         self.stats.degraded_admits += 1
-        return await self._admit(self._local, tier, ident, cost, degraded=True)
+        verdict = await self._local.admit(ident, tier, cost, now)
+        return self._decide(self._local, tier, ident, cost, verdict, now, degraded=True)
 
     async def _settle(self, store: LimitStore, ident: str, tier: Quota, delta: int) -> None:
         if not store.shared:
@@ -320,32 +282,10 @@ class RateLimiter:
     async def _settle_shared(
         self, store: LimitStore, ident: str, tier: Quota, delta: int, now: float
     ) -> None:
+        assert self._redis is not None
         try:
-            async with asyncio.timeout(self._deadline_s):
-                await store.adjust(ident, tier, delta, now)
-        except _REDIS_ERRORS as exc:
-            self.stats.settle_errors += 1
-            self._mark_down(exc)
-
-    def _redis_usable(self) -> bool:
-        if not self._down_until:
-            return True
-        if self._probing or self._clock() < self._down_until:
-            return False
-        self._probing = True  # this request probes; the others keep to the policy meanwhile
-        return True
-
-    def _mark_up(self) -> None:
-        if self._down_until:
-            log.info("Redis is reachable again; shared rate limits resume")
-        self._down_until, self._probing, self._failures = 0.0, False, 0
-
-    def _mark_down(self, exc: BaseException) -> None:
-        self.stats.redis_errors += 1
-        self._failures += 1
-        if self._failures < _FAILURES_TO_TRIP:
-            return
-        if not self._down_until:
-            policy = self._settings.on_redis_error
-            log.warning("Redis failed (%s); rate limiting follows %s", type(exc).__name__, policy)
-        self._down_until, self._probing = self._clock() + _PROBE_INTERVAL_S, False
+            with self._redis.guard():
+                async with asyncio.timeout(self._deadline_s):
+                    await store.adjust(ident, tier, delta, now)
+        except REDIS_ERRORS:
+            self.stats.settle_errors += 1  # the refund (or overshoot) is lost; the bucket refills anyway

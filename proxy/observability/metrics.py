@@ -74,7 +74,10 @@ class RequestMetrics:
 
     def __init__(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
-            "llm_gateway_requests", "Chat requests by outcome", (*_LABELS, "status", "cache"), registry=r
+            "llm_gateway_requests",
+            "Requests through the pipeline by outcome and API endpoint",
+            (*_LABELS, "status", "cache", "endpoint"),
+            registry=r,
         )
         self.duration = Histogram(
             "llm_gateway_request_duration_seconds",
@@ -114,6 +117,12 @@ class RequestMetrics:
         self.policy = Counter(
             "llm_gateway_policy_actions", "Policy actions", ("direction", "action"), registry=r
         )
+        self.pii = Counter(
+            "llm_gateway_pii_values",
+            "Personal-data values found, by direction, type and the action taken (proxy/privacy.py)",
+            ("direction", "type", "action"),
+            registry=r,
+        )
         self._children: dict[tuple[str, str, str], _Children] = {}
         self._outcomes: dict[tuple[str, ...], Any] = {}
 
@@ -123,8 +132,8 @@ class RequestMetrics:
             found = self._children[labels] = _Children(self, labels)
         return found
 
-    def count_request(self, labels: tuple[str, str, str], status: str, cache: str) -> None:
-        key = (*labels, status, cache)
+    def count_request(self, labels: tuple[str, str, str], status: str, cache: str, endpoint: str) -> None:
+        key = (*labels, status, cache, endpoint)
         child = self._outcomes.get(key)
         if child is None:
             child = self._outcomes[key] = self.requests.labels(*key)
@@ -197,6 +206,12 @@ class StateMetrics:
             "mostrecent",
         )
         self.healthy = gauge("llm_gateway_backend_healthy", "1 when the last probe passed", b, "mostrecent")
+        self.redis_breaker = gauge(
+            "llm_gateway_redis_breaker_state",
+            "The breaker every Redis-using stage consults: 0 closed, 1 half-open, 2 open",
+            (),
+            "mostrecent",
+        )
         self.outstanding = gauge("llm_gateway_backend_outstanding", "Requests in flight to it", b, "livesum")
         self.followups = gauge(
             "llm_gateway_followup_tasks", "Cache stores and refunds in flight", (), "livesum"
@@ -262,6 +277,8 @@ class StateMetrics:
             if member.kv_usage is not None:
                 self.kv_usage.labels(name).set(member.kv_usage)
         self.followups.set(followups)
+        if (state := gw.limiter.redis_breaker_state) is not None:
+            self.redis_breaker.set(_BREAKER.get(state, 2))
         if (depth := gw.cache.embedder_depth()) is not None:
             self.embed_queue.set(depth)
             self.embed_wait.set(gw.cache.stats.vectors.max_wait_s)

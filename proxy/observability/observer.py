@@ -197,11 +197,12 @@ class Observer:
             raise errors.ServiceUnavailable("The gateway is starting.")
         return self._experiments
 
-    async def start(self, gateway: Stages, redis_url: str) -> None:
-        """After the stages exist: the A/B recorder, the state sync, the separate metrics port."""
+    async def start(self, gateway: Stages, experiments: ExperimentStore) -> None:
+        """After the stages exist: the A/B recorder (owned from here: closed by close()), the state
+        sync, the separate metrics port."""
         self._gateway = gateway
-        self._experiments = ExperimentStore(redis_url, self.settings)
-        await self._experiments.start()
+        self._experiments = experiments
+        await experiments.start()
         if self.multiprocess:
             self._background.append(asyncio.create_task(self._sync_forever(), name="metrics-sync"))
         if self.settings.metrics_port is not None:
@@ -273,7 +274,7 @@ class Observer:
     def _observe(self, call: Call, elapsed: float) -> None:
         m = self.metrics
         labels = ((call.model or "-") if call.variant else "-", call.variant or "-", call.backend or "-")
-        m.count_request(labels, str(call.status), call.cache)
+        m.count_request(labels, str(call.status), call.cache, call.endpoint)
         ch = m.children(labels)
         ch.duration.observe(elapsed)
         if call.ttft_s is not None:
@@ -291,6 +292,8 @@ class Observer:
         for action in call.policy:
             direction, _, what = action.partition(":")
             m.policy.labels(direction, what).inc()
+        for key, n in call.pii.items():  # "direction:type:action"
+            m.pii.labels(*key.split(":", 2)).inc(n)
 
     def _record(self, call: Call, model: str, variant: str, elapsed: float) -> None:
         assert self._experiments is not None
@@ -316,6 +319,7 @@ class Observer:
         principal = call.principal
         fields = dict(
             request_id=call.request_id,
+            endpoint=call.endpoint,
             worker=self.pid,
             sub=self.subject(principal.sub) if principal else None,
             tenant=self._tenant(principal) if principal else None,
@@ -337,6 +341,8 @@ class Observer:
             disconnected=call.disconnected,
             completion_id=call.completion_id,
         )
+        if call.pii:  # personal data found: counts by "direction:type:action", never a value
+            fields["pii"] = call.pii
         if self._line is not None:
             self._line.write(fields)
         else:

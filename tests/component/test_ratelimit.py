@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from proxy.auth.authenticator import Principal
 from proxy.errors import RateLimited, ServiceUnavailable
 from proxy.limits.limiter import RateLimiter, format_duration
-from proxy.settings import LimitSettings, TierLimits
+from proxy.redis import SharedRedis
+from proxy.settings import LimitSettings, RedisSettings, TierLimits
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS = "redis://127.0.0.1:6379"
@@ -62,17 +63,26 @@ async def prefix() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def make(prefix: str) -> AsyncIterator[Any]:
-    made: list[RateLimiter] = []
+    """A limiter with a shared Redis client of its own (one gateway process); `timeout_s` is the
+    client's socket timeout, `clock` the limiter's and its breaker's."""
+    made: list[tuple[RateLimiter, SharedRedis | None]] = []
 
-    async def factory(settings: LimitSettings, url: str = REDIS, **kw: Any) -> RateLimiter:
-        limiter = RateLimiter(settings, url, key_prefix=prefix, **kw)
+    async def factory(
+        settings: LimitSettings, url: str = REDIS, *, timeout_s: float = 0.25, clock: Any = None
+    ) -> RateLimiter:
+        redis = None
+        if url:
+            redis = SharedRedis(url, RedisSettings(timeout_s=timeout_s), clock=clock or time.monotonic)
+        limiter = RateLimiter(settings, redis, key_prefix=prefix, clock=clock or time.time)
         await limiter.start()
-        made.append(limiter)
+        made.append((limiter, redis))
         return limiter
 
     yield factory
-    for limiter in made:
+    for limiter, redis in made:
         await limiter.close()
+        if redis is not None:
+            await redis.close()
 
 
 WORKER = textwrap.dedent(
@@ -82,19 +92,22 @@ WORKER = textwrap.dedent(
     from proxy.auth.authenticator import Principal
     from proxy.errors import GatewayError
     from proxy.limits.limiter import RateLimiter
-    from proxy.settings import LimitSettings, TierLimits
+    from proxy.redis import SharedRedis
+    from proxy.settings import LimitSettings, RedisSettings, TierLimits
 
     async def main(prefix, rpm, n, start_at):
         settings = LimitSettings(
             tiers={"default": TierLimits(requests_per_minute=rpm, tokens_per_minute=10**9)},
-            on_redis_error="fail_closed", redis_timeout_s=5.0,
+            on_redis_error="fail_closed",
         )
-        limiter = RateLimiter(settings, "redis://127.0.0.1:6379", key_prefix=prefix)
+        redis = SharedRedis("redis://127.0.0.1:6379", RedisSettings(timeout_s=5.0))
+        limiter = RateLimiter(settings, redis, key_prefix=prefix)
         await limiter.start()
         who = Principal("alice", "acme", "default", None, MappingProxyType({}))
         await asyncio.sleep(max(0.0, start_at - time.time()))
         results = await asyncio.gather(*(limiter.admit(who, 10) for _ in range(n)), return_exceptions=True)
         await limiter.close()
+        await redis.close()
         kinds = [type(r).__name__ for r in results]
         print(json.dumps({k: kinds.count(k) for k in set(kinds)}))
 
@@ -288,7 +301,7 @@ async def test_unreachable_redis_fail_closed_is_503_and_fast(make: Any) -> None:
 
 
 async def test_slow_redis_is_bounded_by_the_timeout(make: Any) -> None:
-    """A server that accepts and never answers: each admit gives up after redis_timeout_s."""
+    """A server that accepts and never answers: each admit gives up after the client's timeout."""
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # read until the client gives up; never answer
@@ -298,7 +311,7 @@ async def test_slow_redis_is_bounded_by_the_timeout(make: Any) -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         limiter = await make(
-            limits(on_redis_error="fail_closed", redis_timeout_s=0.05), url=f"redis://127.0.0.1:{port}"
+            limits(on_redis_error="fail_closed"), url=f"redis://127.0.0.1:{port}", timeout_s=0.05
         )
         ticks = 0
 
@@ -331,7 +344,7 @@ async def test_cancelled_probe_does_not_wedge_the_breaker(make: Any) -> None:
     clock = FrozenClock()
     try:
         url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        limiter = await make(limits(redis_timeout_s=0.1), url=url, clock=clock)
+        limiter = await make(limits(), url=url, timeout_s=0.1, clock=clock)
         for _ in range(3):  # three timeouts in a row: Redis is skipped for a while
             assert (await limiter.admit(principal(), 1)).degraded
         errors = limiter.stats.redis_errors
@@ -402,8 +415,8 @@ async def wait_until_shared(limiter: RateLimiter, who: Principal) -> Any:
 @pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
 async def test_redis_stopped_then_restarted(make: Any, private_redis: RedisServer, policy: str) -> None:
     url = f"redis://127.0.0.1:{private_redis.port}"
-    settings = limits(rpm=4, on_redis_error=policy, redis_timeout_s=0.2)
-    a, b = await make(settings, url=url), await make(settings, url=url)  # two gateway processes
+    settings = limits(rpm=4, on_redis_error=policy)
+    a, b = await make(settings, url=url, timeout_s=0.2), await make(settings, url=url, timeout_s=0.2)
     who = principal()
     assert not (await a.admit(who, 1)).degraded
     private_redis.stop()

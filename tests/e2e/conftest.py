@@ -22,3 +22,22 @@ def _reset_sim(sim: SimulatorThread) -> Iterator[None]:
     sim.reset()
     yield
     sim.reset()
+
+
+@pytest.fixture(scope="module")
+def spare() -> Iterator[SimulatorThread]:
+    """A second simulator for modules that test falling over to another backend."""
+    with SimulatorThread() as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _reset_spare(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The spare too starts and ends each test in its default state, where a module uses it."""
+    if "spare" not in request.fixturenames:
+        yield
+        return
+    spare: SimulatorThread = request.getfixturevalue("spare")
+    spare.reset()
+    yield
+    spare.reset()

@@ -48,6 +48,38 @@ HI = [{"role": "user", "content": "Say hello in five words."}]
 
 
 # -- the real model ------------------------------------------------------------------------------
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [TOOL]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+    ],
+    ids=["tools", "logprobs", "top_logprobs", "max_tokens"],
+)
+def test_llamacpp_refuses_what_it_cannot_honour_naming_the_parameter(
+    gw: GatewayProcess, extra: dict, param: str
+) -> None:
+    """Before, tools and logprobs were dropped and max_tokens cut to the context: a tool call came
+    back as plain text ending in `length`. Now a 400 says which parameter the model cannot honour."""
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client().chat.completions.create(model="local", messages=HI, **extra)
+    body = err.value.body
+    assert isinstance(body, dict) and body["param"] == param, body
+    assert body["type"] == "invalid_request_error"
+
+
+def test_llamacpp_accepts_tools_it_is_told_not_to_call(gw: GatewayProcess) -> None:
+    completion = gw.client().chat.completions.create(
+        model="local", messages=HI, max_tokens=4, temperature=0, tools=[TOOL], tool_choice="none"
+    )
+    assert completion.choices[0].message.tool_calls is None
+
+
 def test_llamacpp_non_stream(gw: GatewayProcess) -> None:
     raw = gw.client().chat.completions.with_raw_response.create(
         model="local", messages=HI, max_tokens=8, temperature=0
@@ -263,21 +295,26 @@ def test_health_and_readiness(gw: GatewayProcess) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ready"
 
 
-def test_max_tokens_is_clamped_to_the_vllm_context(gw: GatewayProcess, sim: SimulatorThread) -> None:
-    # the gateway learned max_model_len (4096) from the simulator's /v1/models
-    gw.client().chat.completions.create(model="assistant", messages=HI, max_tokens=100_000)
-    forwarded = sim.requests()[-1]["body"]["max_tokens"]
-    assert 4000 < forwarded < 4096
+def test_max_tokens_beyond_the_vllm_context_is_vllms_own_400(gw: GatewayProcess, sim: SimulatorThread) -> None:
+    """vLLM counts the prompt itself; the gateway's estimate never decides for it: the server's 400
+    reaches the client, and a request without max_tokens is sent without one (vLLM fills in what fits)."""
+    sim.reset()
+    with pytest.raises(openai.BadRequestError) as err:
+        gw.client().chat.completions.create(model="assistant", messages=HI, max_tokens=100_000)
+    body = err.value.body
+    assert isinstance(body, dict) and "max_tokens" in body["message"] and "4096" in body["message"]
+    gw.client().chat.completions.create(model="assistant", messages=HI)
+    assert "max_tokens" not in sim.requests()[-1]["body"]
 
 
 def test_failed_stream_refunds_its_token_reservation(gw: GatewayProcess, sim: SimulatorThread) -> None:
     """A stream that fails before its first byte (503 here) must give its reservation back."""
     headers = {"authorization": f"Bearer {gw.token('refund-user', tier='small')}"}
-    body = {"model": "ab", "messages": HI, "max_tokens": 20000, "stream": True}
+    body = {"model": "ab", "messages": HI, "max_tokens": 4000, "stream": True}
     with httpx.Client(base_url=gw.url, timeout=10) as http:
         sim.configure(fault="status", fault_status=503)
         assert http.post("/v1/chat/completions", json=body, headers=headers).status_code == 503
         sim.configure(fault="none")
         ok = http.post("/v1/chat/completions", json={**body, "max_tokens": 10}, headers=headers)
     remaining = int(ok.headers["x-ratelimit-remaining-tokens"])
-    assert remaining > 60000 - 1000  # without the refund it would be below 40000
+    assert remaining > 60000 - 1000  # without the refund it would be below 56000

@@ -26,7 +26,7 @@ from tests.conftest import GatewayProcess, gateway_config
 FIRST_TOKEN_S, IDLE_S, REQUEST_S = 1.0, 1.0, 3.0
 SLACK_S = 1.5  # process scheduling on a busy 2-core machine; the deadlines are what is checked
 TOKENS_PER_MINUTE = 1_000_000
-RESERVE = 50_000  # max_tokens of every request here: a refund is plain to see
+RESERVE = 4_000  # max_tokens of every request here (the simulator's context is 4,096): a refund is plain to see
 
 
 def _backend(url: str) -> dict[str, Any]:
@@ -35,12 +35,6 @@ def _backend(url: str) -> dict[str, Any]:
         "first_token_timeout_s": FIRST_TOKEN_S, "idle_timeout_s": IDLE_S, "request_timeout_s": REQUEST_S,
         "health_interval_s": 0.2, "breaker": {"failures": 100000, "reset_s": 1},
     }
-
-
-@pytest.fixture(scope="module")
-def spare() -> Iterator[SimulatorThread]:
-    with SimulatorThread() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +50,6 @@ def gw(sim: SimulatorThread, spare: SimulatorThread, module_tmp: Path) -> Iterat
     proc = GatewayProcess(config, module_tmp).start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _reset_spare(spare: SimulatorThread) -> Iterator[None]:
-    spare.reset()
-    yield
-    spare.reset()
 
 
 def _body(model: str, stream: bool, text: str) -> dict[str, Any]:
@@ -271,3 +258,40 @@ def test_a_client_that_leaves_cancels_the_upstream_within_a_second(
     lines = [json.loads(raw) for raw in gw.log().splitlines() if raw.startswith("{")]
     gone = [line for line in lines if line.get("event") == "request" and line.get("disconnected")]
     assert gone and gone[-1]["status"] in (200, 499)  # 200: a stream's head had gone out already
+
+
+# -- readiness: a process that can answer stays in rotation -------------------------------------------
+def test_with_every_backend_down_the_process_stays_ready_serves_hits_and_answers_503(module_tmp: Path) -> None:
+    """Readiness means this process can serve: with its only backend gone it still answers a cached
+    question and gives the rest a JSON 503 with retry-after, instead of leaving the Service (every
+    replica shares the backend: all of them would leave at once, and clients would get refused
+    connections). /readyz says what is wrong in its body."""
+    lone = SimulatorThread().start()
+    config = gateway_config(
+        backends={"gpu": _backend(lone.url)},
+        models={"solo": {"variants": [{"name": "a", "weight": 1, "backends": ["gpu"]}]}},
+    )
+    (module_tmp / "lone").mkdir(exist_ok=True)
+    gw = GatewayProcess(config, module_tmp / "lone").start()
+    try:
+        cached = _body("solo", False, "what is a gateway?")
+        r, _, _ = _post(gw, cached, "ready-user")
+        assert r.status_code == 200 and r.headers["x-gateway-cache"] == "miss"
+        lone.stop()
+        deadline = time.monotonic() + 5
+        while (ready := httpx.get(f"{gw.url}/readyz", timeout=5)).json()["status"] == "ready":
+            assert time.monotonic() < deadline, "the probe never saw the backend go"
+            time.sleep(0.05)
+        body = ready.json()
+        assert ready.status_code == 200 and body["status"] == "degraded"
+        assert body["models"]["solo"] == {"backends": 1, "usable": 0}
+        assert body["backends"]["gpu"]["healthy"] is False
+        assert body["degraded"] == ["model solo: no usable backend (requests get 503 + retry-after)"]
+        r, text, _ = _post(gw, cached, "ready-user")
+        assert r.status_code == 200 and r.headers["x-gateway-cache"] == "hit"
+        r, text, _ = _post(gw, _body("solo", False, "something never asked"), "ready-user")
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert json.loads(text)["error"]["code"] == "service_unavailable"
+    finally:
+        gw.stop()
+        lone.stop()

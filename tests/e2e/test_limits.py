@@ -157,8 +157,10 @@ def start_pair(start_gateway: Any, cfg: dict[str, Any]) -> tuple[GatewayProcess,
 async def test_exact_request_limit_under_200_concurrent_requests_across_two_processes(
     sim: SimulatorThread, start_gateway: Any, redis_timeout_s: float | None
 ) -> None:
-    extra: dict[str, Any] = {} if redis_timeout_s is None else {"redis_timeout_s": redis_timeout_s}
-    a, b = start_pair(start_gateway, config(sim, **extra))
+    cfg = config(sim)
+    if redis_timeout_s is not None:
+        cfg["redis"] = {"timeout_s": redis_timeout_s}
+    a, b = start_pair(start_gateway, cfg)
     sub = new_sub("burst")
     headers = {**auth(a, sub, "e2e"), "content-type": "application/json"}
     body = orjson.dumps(CHAT)
@@ -454,13 +456,18 @@ def test_redis_outage_fail_open_and_fail_closed_then_recovery(
         r = timed(http, gw_closed, headers)
         assert_openai_error(r, 503, "server_error", "service_unavailable")
         assert r.headers["retry-after"] == "1"
-    # fail_open keeps serving, so it stays in rotation (degraded); fail_closed cannot serve
+    # either way this process answers (a JSON 503 at worst): it stays in rotation, degraded, and
+    # the shared Redis breaker is open in its metrics
     ready = http.get(f"{gw_open.url}/readyz")
     assert ready.status_code == 200 and ready.json()["degraded"] == ["redis unreachable"]
+    assert ready.json()["redis"] == "unreachable"
     ready = http.get(f"{gw_closed.url}/readyz")
-    assert ready.status_code == 503 and "redis unreachable" in ready.json()["problems"]
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    assert ready.json()["degraded"] == ["redis unreachable (fail_closed: requests get 503)"]
     for gw in both:
         assert http.get(f"{gw.url}/healthz").status_code == 200
+        metrics = http.get(f"{gw.url}/metrics").text
+        assert re.search(r"^llm_gateway_redis_breaker_state [12]\.0$", metrics, re.M)  # open, or probing
 
     private_redis.start()  # same port, empty
     deadline = time.monotonic() + 10
@@ -476,4 +483,4 @@ def test_redis_outage_fail_open_and_fail_closed_then_recovery(
         time.sleep(0.1)
     shared_quota_of_4_holds()
     for gw in both:
-        assert http.get(f"{gw.url}/readyz").status_code == 200
+        assert http.get(f"{gw.url}/readyz").json()["status"] == "ready"

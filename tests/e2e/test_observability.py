@@ -30,14 +30,15 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 RUN = uuid.uuid4().hex[:10]  # fresh subjects, prompts and key prefixes for every run
 UPSTREAM_KEY = f"sk-upstream-{RUN}-do-not-log"
 LOG_FIELDS = set(
-    "event level timestamp request_id worker sub tenant model variant backend tried fallbacks cache "
+    "event level timestamp request_id endpoint worker sub tenant model variant backend tried fallbacks cache "
     "policy stream status error latency_ms ttft_ms prompt_tokens completion_tokens disconnected "
     "completion_id route".split()
 )
 
 
 def _experiment(*variants: str) -> dict[str, Any]:
-    return {"variants": [{"name": v, "weight": 50, "backends": ["gpu"]} for v in variants]}
+    """A model whose every completion can be rated (feedback_sample 1)."""
+    return {"variants": [{"name": v, "weight": 50, "backends": ["gpu"]} for v in variants], "feedback_sample": 1}
 
 
 def _offline_config(path: Path, **sections: Any) -> Path:
@@ -167,6 +168,7 @@ def test_a_normal_stream_is_logged_with_every_field(gw: GatewayProcess, traffic:
         "bypass",  # sampled (no temperature=0): never cached
     )
     assert line["variant"] in {"control", "candidate"} and line["stream"] is True
+    assert line["endpoint"] == "chat"
     assert (line["status"], line["error"], line["policy"], line["disconnected"]) == (200, None, [], False)
     assert 0 < line["ttft_ms"] <= line["latency_ms"]
     assert line["prompt_tokens"] > 0 and line["completion_tokens"] == 16
@@ -230,7 +232,8 @@ def test_metrics_carry_the_expected_labels_after_traffic(gw: GatewayProcess, tra
     _line(gw, traffic["failed"]["rid"])
     samples = _samples(httpx.get(f"{gw.url}/metrics").text)
     requests = [lab for n, lab, _ in samples if n == "llm_gateway_requests_total"]
-    assert all(set(lab) == {"model", "variant", "backend", "status", "cache"} for lab in requests)
+    assert all(set(lab) == {"model", "variant", "backend", "status", "cache", "endpoint"} for lab in requests)
+    assert {lab["endpoint"] for lab in requests} == {"chat"}
     assert {lab["status"] for lab in requests} >= {"200", "400", "429", "502"}
     assert _total(samples, "llm_gateway_requests_total", cache="hit", backend="cache") >= 1
     assert _total(samples, "llm_gateway_time_to_first_token_seconds_count", model="assistant") >= 1
@@ -241,6 +244,7 @@ def test_metrics_carry_the_expected_labels_after_traffic(gw: GatewayProcess, tra
     assert _total(samples, "llm_gateway_ratelimit_rejections_total", kind="requests") >= 1
     assert _total(samples, "llm_gateway_fallbacks_total", reason="upstream_5xx") >= 1
     assert ("llm_gateway_backend_breaker_state", {"backend": "gpu"}, 0.0) in samples
+    assert ("llm_gateway_redis_breaker_state", {}, 0.0) in samples  # Redis answered throughout
     assert any(n == "llm_gateway_backend_queue_depth" and lab == {"backend": "gpu"} for n, lab, _ in samples)
     assert _total(samples, "http_requests_total", handler="/v1/chat/completions") >= 6
     values = {v for _, lab, _ in samples for v in lab.values()}

@@ -61,3 +61,22 @@ async def test_overwrite_replaces_vector() -> None:
     await store.put("k", b"new", 60, None)
     assert await store.get("k") == b"new"
     assert await store.nearest("p", unit(1, 0), 3) == []
+
+
+def test_a_stored_stream_keeps_only_its_choices_and_replays_whole() -> None:
+    from proxy.cache.replay import CachedAnswer, decode, encode, replay_chunks
+
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpu-model",
+             "system_fingerprint": "fp", "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+    last = chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    raw = encode(CachedAnswer("hit", [chunk, last, {"choices": [], "usage": usage}], None, usage))
+    stored = decode(raw, "hit")
+    assert stored.chunks == [{"choices": chunk["choices"]}, {"choices": last["choices"]}]
+    assert stored.usage == usage and b"gpu-model" not in raw and b"chatcmpl-1" not in raw
+    replayed = replay_chunks(stored, request_id="req_9", created=7, model="assistant", include_usage=False)
+    assert [c["choices"] for c in replayed] == [chunk["choices"], last["choices"]]
+    assert all(
+        (c["id"], c["object"], c["created"], c["model"]) == ("req_9", "chat.completion.chunk", 7, "assistant")
+        for c in replayed
+    )

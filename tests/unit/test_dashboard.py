@@ -167,7 +167,7 @@ def test_metric_labels_never_carry_client_values() -> None:
     text = generate_latest(registry).decode()
     assert "passwd" not in text
     assert (
-        'llm_gateway_requests_total{backend="-",cache="bypass",model="-",status="404",variant="-"} 1.0'
+        'llm_gateway_requests_total{backend="-",cache="bypass",endpoint="chat",model="-",status="404",variant="-"} 1.0'
         in text
     )
     assert 'model="assistant"' in text

@@ -60,6 +60,7 @@ PLACES = [
     ("name", request({"role": "user", "name": "FUCKER", "content": "hi"})),
     ("tool call arguments with escapes", request({"role": "assistant", "tool_calls": [CALL]})),
     ("assistant turn", request({"role": "assistant", "content": "洗 钱"})),
+    ("reasoning text", request({"role": "assistant", "content": "ok", "reasoning": "我要洗钱"})),
     ("tool definition", request(user("hi"), tools=[TOOL])),
 ]
 
@@ -223,3 +224,15 @@ async def test_output_stamp_changes_with_the_lists_and_the_action(guard: PolicyG
     files[1].write_text(EN + "newword\n", encoding="utf-8")
     assert await guard.reload_now()
     assert not guard.output_checked(stamp)  # answers checked under the old lists are checked again
+
+
+async def test_block_output_drops_reasoning_and_tool_calls(files: list[Path]) -> None:
+    g = PolicyGuard(settings(files, output="block"))
+    await g.start()
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"q": "ok"}'}}
+    message = {"role": "assistant", "content": None, "reasoning": "so: 洗钱", "tool_calls": [call]}
+    body = {"choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}]}
+    new, action = g.filter_output(body)
+    assert action == "block" and new["choices"][0]["finish_reason"] == "content_filter"
+    assert new["choices"][0]["message"] == {"role": "assistant", "content": ""}
+    await g.close()
