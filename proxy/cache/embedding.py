@@ -72,7 +72,9 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def budget_of(settings: SemanticCacheSettings) -> Budget:
-    return Budget(settings.budget_ms / 1000, settings.max_wait_ms / 1000, settings.store_queue)
+    return Budget(
+        settings.budget_ms / 1000, settings.max_wait_ms / 1000, settings.store_queue, settings.embedder_duty
+    )
 
 
 def _queue(

@@ -142,6 +142,46 @@ async def test_an_embedder_slower_than_max_wait_takes_one_probe_at_a_time() -> N
     await q.close()
 
 
+async def test_below_a_duty_of_one_the_embedder_rests_and_lookups_count_the_rest() -> None:
+    """duty 0.5: after a 40 ms batch the embedder rests 40 ms; a lookup arriving then is predicted
+    to wait the rest plus its own time, beyond its allowance, so it skips at once."""
+    clock, rests = Clock(), []
+    release = asyncio.Event()
+
+    async def rest(seconds: float) -> None:
+        rests.append(seconds)
+        await release.wait()
+
+    q = EmbedQueue(Engine(clock, seconds_per_text=0.040), batch_max=8, batch_wait_s=0.0,
+                   budget=Budget(0.005, 1.0, 4, duty=0.5), cost_s=0.040, clock=clock, sleep=rest)  # fmt: skip
+    q.start()
+    ticket = q.offer("a", lookup=True)
+    assert ticket is not None
+    await ticket.future
+    await settle()
+    assert rests == [pytest.approx(0.040)]
+    assert q.predicted() == pytest.approx(0.040 + 0.040)  # the rest, then its own text
+    assert q.offer("b", lookup=True) is None  # 80 ms > 40 ms + 5 ms allowed
+    release.set()
+    await settle()
+    assert q.offer("b", lookup=True) is not None  # rested: idle again
+    await q.close()
+
+
+async def test_at_full_duty_the_embedder_never_rests() -> None:
+    clock, rests = Clock(), []
+
+    async def rest(seconds: float) -> None:
+        rests.append(seconds)
+
+    q = EmbedQueue(Engine(clock, seconds_per_text=0.040), batch_max=8, batch_wait_s=0.0,
+                   budget=Budget(0.005, 1.0, 4), cost_s=0.040, clock=clock, sleep=rest)  # fmt: skip
+    q.start()
+    await q.submit(["a", "b"])
+    assert rests == []
+    await q.close()
+
+
 class FakeEmbedder:
     """The Embedder surface Vectors uses, over a real EmbedQueue."""
 
