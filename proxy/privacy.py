@@ -27,11 +27,12 @@ from policies.pii import CustomPattern, Found, Recognizer
 from policies.pii_stream import ChunkRestorer
 from policies.pii_text import AnswerCheck, Pseudonyms, RequestScan
 from proxy.errors import ContentFiltered
+from proxy.guard import OFF_LOOP_SCAN_BYTES  # as the word policy: bigger bodies in a worker thread
 from proxy.protocol import ChatRequest, Message
 from proxy.settings import PrivacySettings
 
 BLOCK_MESSAGE = "The request was rejected by the gateway's personal-data policy ({types})."
-OFF_LOOP_BYTES = 64 * 1024  # as the word policy: bigger bodies are scanned in a worker thread
+
 Counts = dict[str, int]
 
 
@@ -98,7 +99,7 @@ class Privacy:
         answer). Raises ContentFiltered for block."""
         if self.recognizer is None:
             return body, None
-        if size > OFF_LOOP_BYTES:
+        if size > OFF_LOOP_SCAN_BYTES:
             return await asyncio.to_thread(self._input, body, counts)
         return self._input(body, counts)
 
@@ -124,7 +125,7 @@ class Privacy:
         no text to put values back into). Raises ContentFiltered for block."""
         if self.recognizer is None or self.settings.input == "off":
             return texts
-        if size > OFF_LOOP_BYTES:
+        if size > OFF_LOOP_SCAN_BYTES:
             return await asyncio.to_thread(self._texts, texts, counts)
         return self._texts(texts, counts)
 
