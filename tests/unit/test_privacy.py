@@ -13,7 +13,8 @@ from policies.pii import BUILTIN_NAMES, CustomPattern, Recognizer
 from policies.pii_text import AnswerCheck, Pseudonyms
 from proxy.cache.response_cache import CacheScope, exact_key, semantic_part, user_turn
 from proxy.errors import ContentFiltered
-from proxy.privacy import OFF_LOOP_BYTES, Privacy
+from proxy.guard import OFF_LOOP_SCAN_BYTES
+from proxy.privacy import Privacy
 from proxy.protocol import ChatRequest
 from proxy.settings import PiiPatternSettings, PrivacySettings, load_settings
 from tests.conftest import ROOT
@@ -122,9 +123,9 @@ async def test_off_and_unstarted_do_nothing() -> None:
 
 async def test_big_bodies_are_scanned_off_the_loop_with_the_same_result() -> None:
     privacy = await stage()
-    body = chat(user(f"call {PHONE} " + "x" * OFF_LOOP_BYTES))
+    body = chat(user(f"call {PHONE} " + "x" * OFF_LOOP_SCAN_BYTES))
     small, _ = await privacy.check_input(body, 10, {})
-    big, _ = await privacy.check_input(body, OFF_LOOP_BYTES + 1, {})
+    big, _ = await privacy.check_input(body, OFF_LOOP_SCAN_BYTES + 1, {})
     assert big == small and big["messages"][0]["content"].startswith("call [PHONE_1] ")
 
 
