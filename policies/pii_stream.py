@@ -17,15 +17,13 @@ import re
 from typing import Any
 
 from policies.pii_text import AnswerCheck
+from policies.stream import TEXT_FIELDS, TOOL, Key, blocked_end, choice_end, has_text, put_text
 
 MAX_HOLD = 96  # characters held while they may still become a value
 CONTEXT = 24  # characters kept before the released text, for context words and boundaries
 _PLACEHOLDER_HEAD = re.compile(r"\[[A-Z0-9_]{0,32}")
 _TAIL = re.compile(r"(?:[+(]?\d[\d()\-. ]*|[A-Za-z0-9._%+\-:@]+|\[[A-Z0-9_]{0,32})\Z")
-_TEXT_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
-_TEXT_SET = frozenset(_TEXT_FIELDS)
-_TOOL = "tool"
-Key = tuple[int, str, int]  # (choice index, field, tool-call index or -1)
+_TEXT_SET = frozenset(TEXT_FIELDS)
 
 
 def _placeholder_cut(text: str) -> int:
@@ -149,9 +147,7 @@ class ChunkRestorer:
 
     def finish_chunks(self) -> list[dict[str, Any]]:
         """After a block: one chunk ending every choice with finish_reason "content_filter"."""
-        indexes = sorted({key[0] for key in self._streams} or {0})
-        end = [_choice_end(i, {}, "content_filter") for i in indexes]
-        return [{**self._template, "object": "chat.completion.chunk", "choices": end}]
+        return blocked_end(self._template, {key[0] for key in self._streams})
 
     def flush_chunks(self) -> list[dict[str, Any]]:
         """The upstream ended without a finish_reason: everything still held."""
@@ -159,8 +155,8 @@ class ChunkRestorer:
             return []
         deltas: dict[int, dict[str, Any]] = {}
         for key in list(self._streams):
-            _put(deltas.setdefault(key[0], {}), key, self._streams.pop(key).flush())
-        choices = [_choice_end(i, d, None) for i, d in deltas.items() if _has_text(d)]
+            put_text(deltas.setdefault(key[0], {}), key, self._streams.pop(key).flush())
+        choices = [choice_end(i, d, None) for i, d in deltas.items() if has_text(d)]
         return [{**self._template, "choices": choices}] if choices else []
 
     @property
@@ -170,7 +166,7 @@ class ChunkRestorer:
     def _stream(self, key: Key) -> TextStream:
         stream = self._streams.get(key)
         if stream is None:
-            stream = self._streams[key] = TextStream(self._check, json=key[1] == _TOOL)
+            stream = self._streams[key] = TextStream(self._check, json=key[1] == TOOL)
         return stream
 
     def _feed(self, key: Key, text: str) -> str:
@@ -182,9 +178,9 @@ class ChunkRestorer:
     def _choice(self, choice: dict[str, Any]) -> dict[str, Any] | None:
         index = choice.get("index", 0)
         delta = choice.get("delta") or {}
-        new = {k: v for k, v in delta.items() if k not in _TEXT_FIELDS and k != "tool_calls"}
+        new = {k: v for k, v in delta.items() if k not in TEXT_FIELDS and k != "tool_calls"}
         carries = bool(choice.get("finish_reason")) or any(v is not None for v in new.values())
-        for field in _TEXT_FIELDS:
+        for field in TEXT_FIELDS:
             text = delta.get(field)
             if text is not None and not self.blocked:
                 new[field] = self._feed((index, field, -1), text) if text else ""
@@ -192,8 +188,8 @@ class ChunkRestorer:
         carries = self._tool_calls(index, delta.get("tool_calls"), new) or carries
         if choice.get("finish_reason") and not self.blocked:
             for key in [k for k in self._streams if k[0] == index]:
-                _put(new, key, self._streams.pop(key).flush())
-        if not carries and not _has_text(new):
+                put_text(new, key, self._streams.pop(key).flush())
+        if not carries and not has_text(new):
             return None
         return {**choice, "delta": new}
 
@@ -206,35 +202,10 @@ class ChunkRestorer:
             fn = dict(call.get("function") or {})
             args = fn.get("arguments")
             if isinstance(args, str) and args and not self.blocked:
-                fn["arguments"] = self._feed((index, _TOOL, call.get("index", 0)), args)
+                fn["arguments"] = self._feed((index, TOOL, call.get("index", 0)), args)
             entry = {**call, "function": fn} if "function" in call else dict(call)
             informative = any(k not in ("index", "function") for k in call) or "name" in fn
             if informative or fn.get("arguments"):
                 new.setdefault("tool_calls", []).append(entry)
                 carries = True
         return carries
-
-
-def _put(delta: dict[str, Any], key: Key, text: str) -> None:
-    """Append released text for `key` to a delta being built."""
-    if not text:
-        return
-    _, field, tool = key
-    if field != _TOOL:
-        delta[field] = (delta.get(field) or "") + text
-        return
-    calls = delta.setdefault("tool_calls", [])
-    for call in calls:
-        if call.get("index", 0) == tool:
-            fn = call["function"] = dict(call.get("function") or {})
-            fn["arguments"] = (fn.get("arguments") or "") + text
-            return
-    calls.append({"index": tool, "function": {"arguments": text}})
-
-
-def _choice_end(index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-
-def _has_text(delta: dict[str, Any]) -> bool:
-    return any(delta.get(f) for f in _TEXT_FIELDS) or bool(delta.get("tool_calls"))

@@ -28,9 +28,9 @@ from policies.words import Match, Matcher, mask_spans
 Action = Literal["block", "mask", "flag"]
 # `reasoning` is vLLM's name for reasoning text, `reasoning_content` the older one (some versions
 # send both, the same text): both are scanned, and switching between the two is not a new field
-_TEXT_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
+TEXT_FIELDS = ("content", "reasoning", "reasoning_content", "refusal")
 _SAME_TEXT = {"reasoning_content": "reasoning"}
-_TOOL = "tool"
+TOOL = "tool"
 Key = tuple[int, str, int]  # (choice index, field, tool-call index or -1)
 
 
@@ -207,9 +207,7 @@ class ChunkFilter:
 
     def finish_chunks(self) -> list[dict[str, Any]]:
         """After a block: one chunk ending every choice with finish_reason "content_filter"."""
-        indexes = sorted({key[0] for key in self._scanners} or {0})
-        end = [_choice_end(i, {}, "content_filter") for i in indexes]
-        return [{**self._template, "object": "chat.completion.chunk", "choices": end}]
+        return blocked_end(self._template, {key[0] for key in self._scanners})
 
     def flush_chunks(self) -> list[dict[str, Any]]:
         """The upstream ended without a finish_reason: everything still held, masked."""
@@ -217,14 +215,14 @@ class ChunkFilter:
             return []
         deltas: dict[int, dict[str, Any]] = {}
         for key in list(self._scanners):
-            _put(deltas.setdefault(key[0], {}), key, self._flush(key))
-        choices = [_choice_end(i, d, None) for i, d in deltas.items()]
+            put_text(deltas.setdefault(key[0], {}), key, self._flush(key))
+        choices = [choice_end(i, d, None) for i, d in deltas.items()]
         return [{**self._template, "choices": choices}] if any(deltas.values()) else []
 
     def _scanner(self, key: Key) -> StreamScanner | JsonScanner:
         scanner = self._scanners.get(key)
         if scanner is None:
-            kind = JsonScanner if key[1] == _TOOL else StreamScanner
+            kind = JsonScanner if key[1] == TOOL else StreamScanner
             scanner = self._scanners[key] = kind(self._matcher, block=self.action == "block")
         return scanner
 
@@ -233,7 +231,7 @@ class ChunkFilter:
         if active is not None and active != key and _stream_of(active) != _stream_of(key):
             left = _stream_of(active)
             for other in [k for k in self._scanners if _stream_of(k) == left]:
-                _put(delta, other, self._flush(other, final=False))
+                put_text(delta, other, self._flush(other, final=False))
         self._active[key[0]] = key
         scanner = self._scanner(key)
         out = scanner.feed(text)
@@ -249,9 +247,9 @@ class ChunkFilter:
     def _choice(self, choice: dict[str, Any]) -> dict[str, Any] | None:
         index = choice.get("index", 0)
         delta = choice.get("delta") or {}
-        new = {k: v for k, v in delta.items() if k not in _TEXT_FIELDS and k != "tool_calls"}
+        new = {k: v for k, v in delta.items() if k not in TEXT_FIELDS and k != "tool_calls"}
         carries = bool(choice.get("finish_reason")) or any(v is not None for v in new.values())
-        for field in _TEXT_FIELDS:
+        for field in TEXT_FIELDS:
             text = delta.get(field)
             if text is not None and not self.blocked:
                 out = self._feed((index, field, -1), text, new) if text else ""
@@ -260,9 +258,9 @@ class ChunkFilter:
         carries = self._tool_calls(index, delta.get("tool_calls"), new) or carries
         if choice.get("finish_reason") and not self.blocked:
             for key in [k for k in self._scanners if k[0] == index]:
-                _put(new, key, self._flush(key))
+                put_text(new, key, self._flush(key))
             self._active.pop(index, None)
-        if not carries and not _has_text(new):
+        if not carries and not has_text(new):
             return None
         result: dict[str, Any] = {**choice, "delta": new}
         if self.action != "flag" and "logprobs" in result:
@@ -278,7 +276,7 @@ class ChunkFilter:
             fn = dict(call.get("function") or {})
             args = fn.get("arguments")
             if isinstance(args, str) and args and not self.blocked:
-                fn["arguments"] = self._feed((index, _TOOL, call.get("index", 0)), args, new)
+                fn["arguments"] = self._feed((index, TOOL, call.get("index", 0)), args, new)
             entry = {**call, "function": fn} if "function" in call else dict(call)
             informative = any(k not in ("index", "function") for k in call) or "name" in fn
             if informative or fn.get("arguments"):
@@ -292,26 +290,32 @@ def _stream_of(key: Key) -> Key:
     return (key[0], _SAME_TEXT.get(key[1], key[1]), key[2])
 
 
-def _put(delta: dict[str, Any], key: Key, text: str) -> None:
+def put_text(delta: dict[str, Any], key: Key, text: str) -> None:
     """Append flushed text for `key` to a delta being built."""
     if not text:
         return
     _, field, tool = key
-    if field != _TOOL:
+    if field != TOOL:
         delta[field] = (delta.get(field) or "") + text
         return
     calls = delta.setdefault("tool_calls", [])
     for call in calls:
         if call.get("index", 0) == tool:
-            fn = call.setdefault("function", {})
+            fn = call["function"] = dict(call.get("function") or {})  # never the upstream's dict
             fn["arguments"] = (fn.get("arguments") or "") + text
             return
     calls.append({"index": tool, "function": {"arguments": text}})
 
 
-def _choice_end(index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def blocked_end(template: dict[str, Any], indexes: set[int]) -> list[dict[str, Any]]:
+    """The chunk that ends every choice (`indexes`, or choice 0) with finish_reason "content_filter"."""
+    end = [choice_end(i, {}, "content_filter") for i in sorted(indexes or {0})]
+    return [{**template, "object": "chat.completion.chunk", "choices": end}]
+
+
+def choice_end(index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-def _has_text(delta: dict[str, Any]) -> bool:
-    return any(delta.get(f) for f in _TEXT_FIELDS) or bool(delta.get("tool_calls"))
+def has_text(delta: dict[str, Any]) -> bool:
+    return any(delta.get(f) for f in TEXT_FIELDS) or bool(delta.get("tool_calls"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,10 +58,10 @@ class Dispatch:
             return await first_success(self._chain(target, body, call), attempt_one, failed)
         except Exhausted as exc:
             message = "No backend for this model can take the request right now."
-            raise failure_error(exc.last, lambda: self.unavailable(target.variant, message)) from None
+            raise failure_error(exc.last, lambda: self.unavailable(_names(target.variant), message)) from None
 
-    def unavailable(self, variant: VariantSettings, message: str) -> errors.ServiceUnavailable:
-        names = (*variant.backends, *variant.fallback)
+    def unavailable(self, names: Iterable[str], message: str) -> errors.ServiceUnavailable:
+        """503 with an honest retry-after: the soonest any of these backends may take work again."""
         wait = min(self.members[n].retry_after() for n in names)
         return errors.ServiceUnavailable(message, headers={"retry-after": str(max(1, math.ceil(wait)))})
 
@@ -89,7 +89,7 @@ class Dispatch:
                 headers={"retry-after": str(wait)},
             )
         if not plan.chain:
-            raise self.unavailable(variant, "No backend for this model is available right now.")
+            raise self.unavailable(_names(variant), "No backend for this model is available right now.")
         return plan.chain
 
     def _forward_body(
@@ -127,6 +127,10 @@ class Dispatch:
             )
         fwd[key] = min(int(fwd.get(key) or room), room)
         return fwd
+
+
+def _names(variant: VariantSettings) -> tuple[str, ...]:
+    return (*variant.backends, *variant.fallback)
 
 
 def failure_error(

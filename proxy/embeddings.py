@@ -12,7 +12,6 @@ include none that embeds (the embedded llama.cpp chat model does not) answers 40
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import TYPE_CHECKING, Any, cast
 
 from starlette.requests import Request
@@ -24,7 +23,6 @@ from proxy.apis.embeddings import Embedded, EmbeddingRequest, EmbeddingsApi
 from proxy.call import Call
 from proxy.dispatch import failure_error
 from proxy.edge import read_body
-from proxy.experiments.assign import sticky_key
 from proxy.protocol import dumps, estimate_prompt_tokens
 from proxy.settings import VariantSettings
 from proxy.streaming import DisconnectWatch, JSONBytesResponse
@@ -40,7 +38,7 @@ async def embed(gw: Gateway, api: EmbeddingsApi, request: Request, call: Call) -
     raw = await read_body(request, server.max_body_bytes, server.body_timeout_s)
     req = api.parse(raw)
     call.model = req.model
-    variant = _variant(gw, req.model, request, call)
+    _, variant = gw.choose_variant(req.model, request, call)
     pool, fallback = _embedders(gw, req.model, variant)
     inputs = await _checked_input(gw, req, len(raw), call)
     call.prompt_tokens = estimate_prompt_tokens([{"content": text} for text in inputs])
@@ -59,26 +57,6 @@ async def embed(gw: Gateway, api: EmbeddingsApi, request: Request, call: Call) -
     call.headers["x-gateway-backend"] = call.backend or ""
     gw.observer.finish(call)
     return JSONBytesResponse(dumps(api.render(embedded, req.model, call.prompt_tokens)), call.headers)
-
-
-def _variant(gw: Gateway, model: str, request: Request, call: Call) -> VariantSettings:
-    """The model (404 when unknown, 403 when the caller may not use it) and its A/B variant."""
-    principal = call.principal
-    assert principal is not None
-    experiment = gw.router.get(model)
-    if experiment is None:
-        raise errors.ModelNotFound(f"The model '{model[:100]}' does not exist.", param="model")
-    gw.auth.check_model(principal, model)
-    key = sticky_key(
-        experiment.settings.sticky_by,
-        sub=principal.sub,
-        tenant=principal.tenant,
-        headers=request.headers,
-        request_id=call.request_id,
-    )
-    variant = experiment.choose(key)
-    call.variant = variant.name
-    return variant
 
 
 def _embedders(gw: Gateway, model: str, variant: VariantSettings) -> tuple[list[str], list[str]]:
@@ -136,7 +114,9 @@ async def _from_backends(
     try:
         member, answer = await first_success(chain, attempt, failed)
     except Exhausted as exc:
-        raise failure_error(exc.last, lambda: _unavailable(gw, names, "can take the request")) from None
+        everyone = (*names[0], *names[1])
+        message = "No backend for this model can take the request right now."
+        raise failure_error(exc.last, lambda: gw.dispatch.unavailable(everyone, message)) from None
     except asyncio.CancelledError:
         if not watch.absorb():
             raise
@@ -156,13 +136,6 @@ def _chain(gw: Gateway, pool: list[str], fallback: list[str], call: Call) -> lis
         if (member := gw.members[name]) not in chain:
             call.fallback_reasons.append(member.skip_reason())
     if not chain:
-        raise _unavailable(gw, (pool, fallback), "is available")
+        raise gw.dispatch.unavailable((*pool, *fallback), "No backend for this model is available right now.")
     call.route = "least_loaded"
     return chain
-
-
-def _unavailable(gw: Gateway, names: tuple[list[str], list[str]], what: str) -> errors.ServiceUnavailable:
-    wait = min(gw.members[n].retry_after() for n in (*names[0], *names[1]))
-    return errors.ServiceUnavailable(
-        f"No backend for this model {what} right now.", headers={"retry-after": str(max(1, math.ceil(wait)))}
-    )

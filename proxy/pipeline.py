@@ -38,13 +38,13 @@ from proxy.cache.response_cache import (
 from proxy.call import Call
 from proxy.dispatch import Dispatch, Target, chain_first, chat, open_stream, salt
 from proxy.edge import read_body
-from proxy.experiments.assign import Router, apply_variant, sticky_key
+from proxy.experiments.assign import Experiment, Router, apply_variant, sticky_key
 from proxy.guard import PolicyGuard
 from proxy.limits.limiter import Admission, RateLimiter
 from proxy.observability.observer import Observer
 from proxy.privacy import Privacy, Restorer
 from proxy.protocol import ChatRequest, dumps, estimate_prompt_tokens
-from proxy.settings import Settings
+from proxy.settings import Settings, VariantSettings
 from proxy.streaming import DisconnectWatch, JSONBytesResponse, Relay, SSEResponse, StreamTap
 
 Reply = SSEResponse | JSONBytesResponse
@@ -160,17 +160,14 @@ class Gateway:
             if not handed_over:
                 watch.stop()
 
-    async def _prepare(self, api: Api, request: Request, raw: bytes, call: Call) -> Prepared:
-        parsed = api.parse(raw)
+    def choose_variant(self, model: str, request: Request, call: Call) -> tuple[Experiment, VariantSettings]:
+        """The model (404 when unknown, 403 when the caller may not use it) and its A/B variant."""
         principal = call.principal
         assert principal is not None
-        await api.resolve(parsed, principal)
-        req = parsed.chat
-        call.model, call.stream = req.model, bool(req.stream)
-        experiment = self.router.get(req.model)
+        experiment = self.router.get(model)
         if experiment is None:
-            raise errors.ModelNotFound(f"The model '{req.model[:100]}' does not exist.", param="model")
-        self.auth.check_model(principal, req.model)
+            raise errors.ModelNotFound(f"The model '{model[:100]}' does not exist.", param="model")
+        self.auth.check_model(principal, model)
         key = sticky_key(
             experiment.settings.sticky_by,
             sub=principal.sub,
@@ -180,6 +177,16 @@ class Gateway:
         )
         variant = experiment.choose(key)
         call.variant = variant.name
+        return experiment, variant
+
+    async def _prepare(self, api: Api, request: Request, raw: bytes, call: Call) -> Prepared:
+        parsed = api.parse(raw)
+        principal = call.principal
+        assert principal is not None
+        await api.resolve(parsed, principal)
+        req = parsed.chat
+        call.model, call.stream = req.model, bool(req.stream)
+        experiment, variant = self.choose_variant(req.model, request, call)
         client_body, restorer = await self.privacy.check_input(req.upstream_body(), len(raw), call.pii)
         body = apply_variant(client_body, variant)
         try:

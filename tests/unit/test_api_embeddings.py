@@ -16,6 +16,7 @@ from backends.pool import Member
 from proxy import errors
 from proxy.apis.embeddings import EmbeddingRequest, EmbeddingsApi
 from proxy.call import Call
+from proxy.dispatch import Dispatch
 from proxy.embeddings import _chain, _embedders
 from proxy.settings import VariantSettings
 
@@ -83,7 +84,7 @@ class ChatOnly:
 
 def gateway(*backends: Any) -> Any:
     members = {b.name: Member(b, Breaker(3, 10.0)) for b in backends}
-    return SimpleNamespace(members=members)
+    return SimpleNamespace(members=members, dispatch=Dispatch(members))
 
 
 def variant(backends: list[str], fallback: list[str]) -> VariantSettings:
