@@ -11,9 +11,9 @@ the tenants of --tenants, with the tier claim --tier. Each task sends one chat c
         config/words/*.txt: the input policy answers 400 content_filter, which counts as success)
   mode  stream (share --stream-share) or not
 Entries in Locust's statistics:
-  chat, chat cached                 non-stream, answered by a backend / by the cache
-  stream ttft, stream ttft cached   time to the first content chunk of a stream
-  stream full, stream full cached   the whole stream, to `data: [DONE]`
+  chat, chat cached, chat semantic  non-stream, answered by a backend / the exact / the semantic cache
+  stream ttft[ cached| semantic]    time to the first content chunk of a stream
+  stream full[ cached| semantic]    the whole stream, to `data: [DONE]`
   blocked                           listed-word prompts refused with 400 content_filter
   rejected                          429 / 503 answers (failures; their latency shows overload is quick)
 Requests/s counts HTTP requests, so the ttft entries are left out of it.
@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gevent
 from locust import FastHttpUser, events, task
 from locust.env import Environment
 
@@ -130,6 +131,10 @@ class ChatUser(FastHttpUser):
         self.book = PromptBook(self.rng, o.zh_share)
         shares = [o.repeat_share, o.paraphrase_share, o.listed_share]
         self.weights = [max(0.0, 1 - sum(shares)), *shares]
+        # Locust starts the users of each ramp-up second together; each begins at its own random
+        # phase within its period, so the offered load is a steady rate rather than bursts of them.
+        if o.per_user_rps > 0:
+            gevent.sleep(self.rng.random() / o.per_user_rps)
 
     @task
     def chat(self) -> None:
@@ -164,7 +169,7 @@ class ChatUser(FastHttpUser):
             return self._refused(kind, mode, start, status, resp.content or b"")
         self.tally[f"{kind} cache {cache}"] += 1
         self.tally[f"variant {variant}"] += 1
-        cached = " cached" if cache in ("hit", "semantic-hit") else ""
+        cached = {"hit": " cached", "semantic-hit": " semantic"}.get(cache, "")
         if kind == "listed":
             unblocked = AssertionError("listed word was not blocked")
             return self._fail(mode + cached, start, unblocked, "unblocked")
@@ -261,7 +266,7 @@ def _error_code(content: bytes) -> str:
 
 
 def _floor(name: str, o: Any) -> float:
-    if name.endswith("cached") or name in ("blocked", "rejected"):
+    if name.endswith(("cached", "semantic")) or name in ("blocked", "rejected"):
         return 0.0
     if name.startswith("stream ttft"):
         return float(o.floor_ttft_ms)
