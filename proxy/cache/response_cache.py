@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -97,6 +97,7 @@ class CacheScope:
 class CacheResult:
     answer: CachedAnswer | None
     status: Status
+    semantic: asyncio.Task[CacheResult] | None = None  # fetch(hedge=True): the lookup still running
 
 
 @dataclass
@@ -106,6 +107,7 @@ class CacheStats:
     misses: int = 0
     bypass_errors: int = 0  # Redis / index unreachable or slow: the cache was skipped
     rejected_candidates: int = 0  # semantic candidates refused by verification
+    hedges_cancelled: int = 0  # backend requests started beside a semantic lookup, cancelled by its hit
     stores: int = 0
     store_skipped: int = 0  # incomplete or failed answers
     store_errors: int = 0
@@ -271,55 +273,72 @@ class ResponseCache:
         return (await self.fetch(scope, req)).answer
 
     async def fetch(
-        self, scope: CacheScope, req: ChatRequest, key: str | None = None, peeked: Peek | None = None
+        self,
+        scope: CacheScope,
+        req: ChatRequest,
+        key: str | None = None,
+        peeked: Peek | None = None,
+        *,
+        hedge: bool = False,
     ) -> CacheResult:
         """Like lookup(), with the status for the x-gateway-cache header. Never raises.
         `key`: exact_key(scope, req.upstream_body()) when the caller already has it; `peeked`: the
         exact entry as read by the rate limiter's admission (see redis_field), so it is not read
-        again."""
+        again. `hedge`: after an exact miss, return at once with the semantic lookup running as
+        `semantic` (a task that never raises), so the caller can start the backend meanwhile."""
         if self._clock() < self._resume_at:
             self.stats.bypass_errors += 1
             return CacheResult(None, "bypass")
+        key = key or exact_key(scope, req.upstream_body())
+        found = await self._guarded(self._exact(key, peeked))
+        own = self._own(scope, req, observe=True) if found.status == "miss" else None
+        if own is None or self._vectors is None:
+            self.stats.misses += found.status == "miss"
+            return found
+        semantic = self._guarded(self._nearest(key, *own))
+        if hedge:
+            return CacheResult(None, "miss", asyncio.ensure_future(semantic))
+        return await semantic
+
+    async def _guarded(self, work: Awaitable[CacheResult]) -> CacheResult:
+        """Redis, index, embedder: on failure the cache steps aside and the request goes on."""
         try:
-            result = await self._fetch(scope, req, key or exact_key(scope, req.upstream_body()), peeked)
-        except Exception as exc:  # Redis, index, embedder: the cache steps aside, the request goes on
+            result = await work
+        except Exception as exc:
             self._failed(exc, "lookup")
             return CacheResult(None, "bypass")
         self._failures = 0
         return result
 
-    async def _fetch(self, scope: CacheScope, req: ChatRequest, key: str, peeked: Peek | None) -> CacheResult:
+    async def _exact(self, key: str, peeked: Peek | None) -> CacheResult:
         if peeked is not None:
             raw = peeked.value
         else:
             async with asyncio.timeout(self._timeout_s):
                 raw = await self._store.get(key)
-        if raw is not None:
-            self.stats.hits += 1
-            if self._backfill is not None:  # a repeated question stored without its vector gets one
-                self._backfill.served(key, raw)
-            return CacheResult(decode(raw, "hit"), "hit")
-        own = self._own(scope, req, observe=True)
-        if own is None or self._vectors is None:
-            self.stats.misses += 1
+        if raw is None:
             return CacheResult(None, "miss")
-        text, part = own
+        self.stats.hits += 1
+        if self._backfill is not None:  # a repeated question stored without its vector gets one
+            self._backfill.served(key, raw)
+        return CacheResult(decode(raw, "hit"), "hit")
+
+    async def _nearest(self, key: str, text: str, part: str) -> CacheResult:
+        assert self._vectors is not None
         vector = await self._vectors.lookup(text)
         self._remember(key, text, part, vector)
-        if vector is None:  # skipped: over budget, too long, or the embedder failed (counted)
-            self.stats.misses += 1
-            return CacheResult(None, "miss")
-        async with asyncio.timeout(self._timeout_s):
-            candidates = await self._store.nearest(part, vector, CANDIDATES)
-        for cand in candidates:
-            if cand.similarity < self.settings.semantic.threshold:
-                break
-            why = disagreement(text, cand.text)
-            if why is None:
-                self.stats.semantic_hits += 1
-                return CacheResult(decode(cand.answer, "semantic-hit"), "semantic-hit")
-            self.stats.rejected_candidates += 1
-            log.debug("semantic candidate refused (%s, %.3f)", why, cand.similarity)
+        if vector is not None:  # else skipped: over budget, too long, or the embedder failed (counted)
+            async with asyncio.timeout(self._timeout_s):
+                candidates = await self._store.nearest(part, vector, CANDIDATES)
+            for cand in candidates:
+                if cand.similarity < self.settings.semantic.threshold:
+                    break
+                why = disagreement(text, cand.text)
+                if why is None:
+                    self.stats.semantic_hits += 1
+                    return CacheResult(decode(cand.answer, "semantic-hit"), "semantic-hit")
+                self.stats.rejected_candidates += 1
+                log.debug("semantic candidate refused (%s, %.3f)", why, cand.similarity)
         self.stats.misses += 1
         return CacheResult(None, "miss")
 

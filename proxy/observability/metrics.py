@@ -259,6 +259,11 @@ class StateMetrics:
         self.vectors = Counter(
             "llm_gateway_semantic_vectors", "Vectors by source (embedded | reused)", ("source",), registry=r
         )
+        self.hedges = Counter(
+            "llm_gateway_semantic_hedges_cancelled",
+            "Backend requests started beside a semantic lookup (cache.semantic.hedge), cancelled by its hit",
+            registry=r,
+        )
         self.embed_queue = gauge(
             "llm_gateway_embedder_queue_depth", "Texts waiting for the embedder", (), "livesum"
         )
@@ -304,6 +309,7 @@ class StateMetrics:
             (self.reloads, ("error",), guard.reload_errors),
             (self.vectors, ("embedded",), c.vectors.embedded),
             (self.vectors, ("reused",), c.vectors.reused),
+            (self.hedges, (), c.hedges_cancelled),
         ]
         totals += [(self.rejections, (kind,), n) for kind, n in lim.rejected.items()]
         for name, member in gw.members.items():

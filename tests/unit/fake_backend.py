@@ -3,6 +3,7 @@ scripted BackendError (before the first chunk or part-way), and records every bo
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
@@ -62,10 +63,21 @@ class FakeBackend:
         *,
         context_length: int | None = None,
         prompt_tokens: int | None = None,
+        gate: asyncio.Event | None = None,
     ) -> None:
         self.name, self.model, self.context_length = name, f"{name}-model", context_length
-        self.script, self.prompt_tokens = script, prompt_tokens
+        self.script, self.prompt_tokens, self.gate = script, prompt_tokens, gate
         self.bodies: list[Body] = []
+        self.cancelled = 0  # opens cancelled while waiting at the gate
+
+    async def _opened(self) -> None:
+        """With a gate: the first chunk is not ready until the gate opens (a model still in prefill)."""
+        if self.gate is not None:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
 
     async def start(self) -> None:
         return None
@@ -75,6 +87,7 @@ class FakeBackend:
 
     async def stream(self, body: Body) -> ScriptedStream:
         self.bodies.append(copy.deepcopy(body))
+        await self._opened()
         if isinstance(self.script, BackendError):
             raise _fresh(self.script)
         usage = bool((body.get("stream_options") or {}).get("include_usage"))

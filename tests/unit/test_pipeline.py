@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
@@ -24,6 +25,7 @@ from backends.pool import Member
 from proxy import errors
 from proxy.apis.chat import ChatApi
 from proxy.auth.authenticator import Authenticator, mint_token
+from proxy.cache.embed_queue import Budget, EmbedQueue, Ticket
 from proxy.cache.response_cache import ResponseCache
 from proxy.call import Call
 from proxy.experiments.aggregates import ExperimentStore
@@ -62,7 +64,7 @@ class RecordingObserver(Observer):
             await asyncio.gather(*self._tasks)
 
 
-def settings_for(tmp_path: Path, input_action: str) -> Settings:
+def settings_for(tmp_path: Path, input_action: str, semantic: dict[str, Any] | None = None) -> Settings:
     words = tmp_path / "words.txt"
     words.write_text(f"{WORD}\n", encoding="utf-8")
     http = {"type": "openai", "url": "http://upstream.test", "model": "configured"}
@@ -71,7 +73,7 @@ def settings_for(tmp_path: Path, input_action: str) -> Settings:
         {
             "auth": {"algorithms": ["HS256"], "secret": SECRET},
             "limits": {"tiers": {"default": {"requests_per_minute": RPM, "tokens_per_minute": TPM}}},
-            "cache": {"semantic": {"enabled": False}},
+            "cache": {"semantic": semantic or {"enabled": False}},
             "policies": {"words": [str(words)], "input": input_action, "output": "mask",
                          "reload_interval_s": 3600},
             "observability": {"log_format": "json"},
@@ -153,22 +155,65 @@ def text_of(events: list[Any]) -> str:
 Build = Callable[..., Awaitable[Harness]]
 
 
+class GatedEmbedder:
+    """An Embedder (proxy.cache.embedding) over the real EmbedQueue whose batches finish only when
+    `gate` is open: texts about passwords share one direction, anything else another."""
+
+    name, dim, window = "gated-test", 2, 512
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.asked: list[str] = []
+        budget = Budget(budget_s=60.0, max_wait_s=60.0, background_max=64)
+        self.queue = EmbedQueue(self._run, batch_max=8, batch_wait_s=0.0, budget=budget)
+
+    async def start(self) -> None:
+        self.queue.start()
+
+    async def close(self) -> None:
+        await self.queue.close()
+
+    def fits(self, text: str) -> bool:
+        return True
+
+    def offer(self, text: str, *, lookup: bool, urgent: bool = False) -> Ticket | None:
+        return self.queue.offer(text, lookup=lookup, urgent=urgent)
+
+    async def embed_queries(self, texts: list[str]) -> np.ndarray:
+        return await self.queue.submit(texts)
+
+    async def _run(self, texts: list[str]) -> np.ndarray:
+        self.asked += texts
+        await self.gate.wait()
+        return np.asarray([[1.0, 0.0] if "password" in t else [0.0, 1.0] for t in texts], dtype=np.float32)
+
+
 @pytest.fixture
 async def build(tmp_path: Path) -> AsyncIterator[Build]:
-    """build(a_script, b_script=answer("from b"), input_action="block", **fake_a_options)."""
+    """build(a_script, b_script=answer("from b"), input_action="block", semantic=None, embedder=None,
+    **fake_a_options); `semantic`: cache.semantic settings for the `embedder` given."""
     async with AsyncExitStack() as stack:
 
         async def make(
-            a: Script, b: Script | None = None, input_action: str = "block", **opts: Any
+            a: Script,
+            b: Script | None = None,
+            input_action: str = "block",
+            semantic: dict[str, Any] | None = None,
+            embedder: GatedEmbedder | None = None,
+            **opts: Any,
         ) -> Harness:
-            s = settings_for(tmp_path, input_action)
+            s = settings_for(tmp_path, input_action, semantic)
             b = answer("from b") if b is None else b
             fakes = {"a": FakeBackend("a", a, **opts), "b": FakeBackend("b", b)}
             members = {name: Member(fake, Breaker(5, 10.0)) for name, fake in fakes.items()}
             auth = Authenticator(s.auth, secret=SECRET, clock=lambda: NOW)
             limiter = RateLimiter(s.limits, None, clock=lambda: NOW)
-            guard, cache = PolicyGuard(s.policies), ResponseCache(s.cache, None, None)
+            guard, cache = PolicyGuard(s.policies), ResponseCache(s.cache, None, embedder)
             observer = RecordingObserver(s.observability)
+            if embedder is not None:
+                await embedder.start()
+                stack.push_async_callback(embedder.close)
             for part in (auth, limiter, guard, cache):
                 await part.start()
                 stack.push_async_callback(part.close)
@@ -324,3 +369,63 @@ async def test_the_call_observability_reads(build: Build) -> None:
     seen = (call.endpoint, call.model, call.variant, call.backend, call.tried, call.fallback_reasons)
     assert seen == ("chat", "assistant", "control", "b", ["a", "b"], ["connect"])
     assert (call.cache, call.status, call.completion_tokens) == ("miss", 200, 1)
+
+
+# -- the semantic lookup beside the backend (cache.semantic.hedge) -------------------------------
+ASKED, PARAPHRASE = "How do I reset my password?", "How can I reset my password?"
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Let the event loop run until `check()` holds (bounded: no wall clock)."""
+    for _ in range(1000):
+        if check():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never happened")
+
+
+async def test_a_semantic_miss_has_the_backend_working_while_the_lookup_runs(build: Build) -> None:
+    embedder = GatedEmbedder()
+    h = await build(answer("Use the link."), semantic={"hedge": True}, embedder=embedder)
+    embedder.gate.clear()
+    sending = asyncio.ensure_future(h.send(ASKED, temperature=0))
+    await _until(lambda: len(h.fakes["a"].bodies) == 1)  # asked while the vector is not there yet
+    assert not sending.done()
+    embedder.gate.set()
+    call, reply = await sending
+    assert (call.cache, call.backend, content_of(reply)) == ("miss", "a", "Use the link.")
+    assert h.gateway.members["a"].outstanding == 0
+
+
+async def test_a_semantic_hit_cancels_the_backend_request_it_started(build: Build) -> None:
+    embedder, prefill = GatedEmbedder(), asyncio.Event()
+    h = await build(answer("Use the link."), semantic={"hedge": True}, embedder=embedder, gate=prefill)
+    prefill.set()
+    await h.send(ASKED, temperature=0)
+    await h.observer.drain()  # stored, with its vector
+    prefill.clear()  # the backend's next answer is still in prefill when the lookup hits
+    embedder.gate.clear()
+    for asked, stream in ((2, False), (3, True)):
+        sending = asyncio.ensure_future(h.send(PARAPHRASE, temperature=0, stream=stream))
+        await _until(lambda: len(h.fakes["a"].bodies) == asked)  # noqa: B023 - awaited in this iteration
+        embedder.gate.set()
+        call, reply = await sending
+        embedder.gate.clear()
+        text = text_of(await frames(reply)) if stream else content_of(reply)
+        assert (call.cache, call.backend, text) == ("semantic-hit", "cache", "Use the link.")
+        assert h.fakes["a"].cancelled == 1 + stream and h.gateway.members["a"].outstanding == 0
+    assert h.gateway.cache.stats.hedges_cancelled == 2
+
+
+async def test_without_the_hedge_the_backend_waits_for_the_lookup(build: Build) -> None:
+    embedder = GatedEmbedder()
+    h = await build(answer("Use the link."), semantic={"hedge": False}, embedder=embedder)
+    embedder.gate.clear()
+    sending = asyncio.ensure_future(h.send(ASKED, temperature=0))
+    await _until(lambda: bool(embedder.asked))  # the lookup is in flight
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert h.fakes["a"].bodies == [] and not sending.done()
+    embedder.gate.set()
+    call, _reply = await sending
+    assert (call.cache, len(h.fakes["a"].bodies)) == ("miss", 1)
