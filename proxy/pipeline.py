@@ -161,7 +161,8 @@ class Gateway:
                 reply = self._stream(member, answer, prep, call, watch)
                 handed_over = True
                 return reply
-            return await self._complete(member, answer, prep, call)
+            member.outstanding -= 1  # the whole answer is in
+            return await self._finish_completion(answer, member, prep, call)
         except asyncio.CancelledError:
             if not watch.absorb():
                 raise
@@ -317,12 +318,6 @@ class Gateway:
             self.observer.finish(call)
 
     # -- non-stream -------------------------------------------------------------------------------
-    async def _complete(
-        self, member: Member, completion: dict[str, Any], prep: Prepared, call: Call
-    ) -> JSONBytesResponse:
-        member.outstanding -= 1
-        return await self._finish_completion(completion, member, prep, call)
-
     async def _finish_completion(
         self, completion: dict[str, Any], member: Member, prep: Prepared, call: Call
     ) -> JSONBytesResponse:

