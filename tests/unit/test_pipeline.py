@@ -36,6 +36,7 @@ from proxy.pipeline import Gateway, Reply
 from proxy.protocol import estimate_prompt_tokens
 from proxy.settings import Settings
 from proxy.streaming import JSONBytesResponse, SSEResponse
+from tests.loop import until
 from tests.unit.fake_backend import FakeBackend, Script, answer
 
 NOW = 1_700_000_000.0
@@ -375,21 +376,12 @@ async def test_the_call_observability_reads(build: Build) -> None:
 ASKED, PARAPHRASE = "How do I reset my password?", "How can I reset my password?"
 
 
-async def _until(check: Callable[[], bool]) -> None:
-    """Let the event loop run until `check()` holds (bounded: no wall clock)."""
-    for _ in range(1000):
-        if check():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("never happened")
-
-
 async def test_a_semantic_miss_has_the_backend_working_while_the_lookup_runs(build: Build) -> None:
     embedder = GatedEmbedder()
     h = await build(answer("Use the link."), semantic={"hedge": True}, embedder=embedder)
     embedder.gate.clear()
     sending = asyncio.ensure_future(h.send(ASKED, temperature=0))
-    await _until(lambda: len(h.fakes["a"].bodies) == 1)  # asked while the vector is not there yet
+    await until(lambda: len(h.fakes["a"].bodies) == 1)  # asked while the vector is not there yet
     assert not sending.done()
     embedder.gate.set()
     call, reply = await sending
@@ -407,7 +399,7 @@ async def test_a_semantic_hit_cancels_the_backend_request_it_started(build: Buil
     embedder.gate.clear()
     for asked, stream in ((2, False), (3, True)):
         sending = asyncio.ensure_future(h.send(PARAPHRASE, temperature=0, stream=stream))
-        await _until(lambda: len(h.fakes["a"].bodies) == asked)  # noqa: B023 - awaited in this iteration
+        await until(lambda: len(h.fakes["a"].bodies) == asked)  # noqa: B023 - awaited in this iteration
         embedder.gate.set()
         call, reply = await sending
         embedder.gate.clear()
@@ -422,7 +414,7 @@ async def test_without_the_hedge_the_backend_waits_for_the_lookup(build: Build) 
     h = await build(answer("Use the link."), semantic={"hedge": False}, embedder=embedder)
     embedder.gate.clear()
     sending = asyncio.ensure_future(h.send(ASKED, temperature=0))
-    await _until(lambda: bool(embedder.asked))  # the lookup is in flight
+    await until(lambda: bool(embedder.asked))  # the lookup is in flight
     for _ in range(50):
         await asyncio.sleep(0)
     assert h.fakes["a"].bodies == [] and not sending.done()
