@@ -111,6 +111,20 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaFormat | None = None
 
 
+def at_most_four_stops(v: str | list[str] | None) -> str | list[str] | None:
+    """`stop`'s validator (chat and completions): OpenAI accepts at most 4 sequences."""
+    if isinstance(v, list) and len(v) > 4:
+        raise ValueError("at most 4 stop sequences are allowed")
+    return v
+
+
+def stream_options_need_stream(v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+    """`stream_options`' validator (chat and completions): only with `stream: true`."""
+    if v is not None and not info.data.get("stream"):
+        raise ValueError("stream_options is only allowed when stream is true")
+    return v
+
+
 class ChatRequest(_Model):
     model: str = Field(min_length=1, max_length=256)
     messages: list[Message] = Field(min_length=1, max_length=2048)
@@ -147,19 +161,8 @@ class ChatRequest(_Model):
     audio: dict[str, Any] | None = None
 
     # field validators, so that the error names the parameter (`param`) as OpenAI does
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return v
-
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if v is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return v
+    _stop = field_validator("stop")(at_most_four_stops)
+    _stream_options = field_validator("stream_options")(stream_options_need_stream)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -9,9 +9,9 @@ chat template. Log probabilities travel in chat's shape and are turned back here
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from proxy import errors
 from proxy.apis.base import Parsed, Stateless
@@ -20,12 +20,11 @@ from proxy.protocol import (
     RawPromptRequest,
     RequestValidationError,
     StreamOptions,
+    at_most_four_stops,
     chunk_frame,
     parse_request,
+    stream_options_need_stream,
 )
-
-if TYPE_CHECKING:
-    pass
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) when a completions request sets none
 # this API's fields that are not the internal form's, or are under another name there
@@ -73,19 +72,8 @@ class CompletionRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return v
-
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if v is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return v
+    _stop = field_validator("stop")(at_most_four_stops)
+    _stream_options = field_validator("stream_options")(stream_options_need_stream)
 
     @field_validator("echo")
     @classmethod
